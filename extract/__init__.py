@@ -1,0 +1,1 @@
+"""Stage one, on the GPU box: images -> frozen DINOv3 backbone -> HDF5 cache shards."""

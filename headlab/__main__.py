@@ -1,0 +1,5 @@
+import sys
+
+from headlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""The ``stage1`` command line: a thin layer that parses flags and calls the library.
+
+Every subcommand maps to a function a notebook can call (``run_extract``,
+``cache_info``, ...). Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from cache.errors import Stage1Error
+from headlab import __version__
+from headlab.config import apply_config
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------
+# handlers
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from extract.run import ExtractConfig, run_extract
+
+    if not args.images or not args.out or not args.backbone:
+        missing = [f for f, v in (("--images", args.images), ("--out", args.out), ("--backbone", args.backbone)) if not v]
+        raise Stage1Error(f"extract needs {', '.join(missing)} (as flags or keys in --config)")
+    cfg = ExtractConfig(images=args.images, labels=args.labels or [], backbone=args.backbone, out=args.out,
+                        weights=args.weights, preprocess=args.preprocess, image_size=args.image_size,
+                        feature_sets=args.feature_sets, dtype=args.dtype, batch_size=args.batch_size,
+                        shard_size=args.shard_size, device=args.device, max_failures=str(args.max_failures),
+                        progress=not args.quiet, **({"workers": args.workers} if args.workers is not None else {}))
+    summary = run_extract(cfg)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_extract_summary(summary))
+    if summary["failures_exceeded"]:
+        print(f"stage1: error: {summary['failures']} images failed to decode, more than --max-failures "
+              f"{args.max_failures} ({summary['max_failures']}); see `stage1 cache info {args.out}`", file=sys.stderr)
+        return 1
+    return 0
+
+
+def format_extract_summary(s: dict) -> str:
+    rate = f", {s['images_per_s']:.0f} img/s" if s.get("images_per_s") else ""
+    lines = [f"extracted {s['rows_written']} rows into {s['out']} ({s['shards_written']} shard(s) written, "
+             f"{s['shards_skipped']} already complete; {s['seconds']:.1f} s{rate} on {s['device']})",
+             f"failures: {s['failures']} of {s['inputs']} inputs (limit {s['max_failures']})"]
+    for reason, count in sorted(s["failure_reasons"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {count:6d}  {reason}")
+    lines.append(f"fingerprint {s['fingerprint'][:12]}")
+    return "\n".join(lines)
+
+
+def _cmd_cache_info(args: argparse.Namespace) -> int:
+    import schemas
+    from cache.tools import cache_info, format_info
+
+    info = cache_info(args.paths)
+    schemas.validate(info, "cache_info", where="cache info")
+    if args.json:
+        _print_json(info)
+    else:
+        print(format_info(info))
+    return 0
+
+
+def _cmd_cache_verify(args: argparse.Namespace) -> int:
+    from cache.tools import verify_cache
+
+    problems = verify_cache(args.paths)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in {' '.join(args.paths)}", file=sys.stderr)
+        return 1
+    print(f"OK: {' '.join(args.paths)}")
+    return 0
+
+
+def _cmd_cache_merge(args: argparse.Namespace) -> int:
+    from cache.tools import merge_caches
+
+    res = merge_caches(args.paths, args.out)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"merged {res['shards_merged']} shard(s), {res['rows']} rows -> {res['out']}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from headlab.demo import run_demo
+
+    res = run_demo(args.out, n_images=args.n_images, backbone=args.backbone, weights=args.weights,
+                   workers=args.workers, progress=not args.quiet)
+    if args.json:
+        _print_json(res)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# parser
+def _add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE", help="read options from a JSON or TOML file (keys = flag names; "
+                                                    "flags on the command line win)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the machine-readable result")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stage1", description="Feature-cache-centric training, calibration and certification of "
+                                   "stage-1 classifiers on a frozen DINOv3 backbone.")
+    parser.add_argument("--version", action="version", version=f"stage1-pro {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, handler, help: str, parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(_handler=handler, _parser=p)
+        return p
+
+    from extract.backbone import FEATURE_SETS
+
+    p = add("extract", _cmd_extract, "embed images with a frozen backbone into an HDF5 feature cache (resumable)")
+    g = p.add_argument_group("inputs")
+    g.add_argument("--images", action="append", metavar="DIR", help="image root; repeat to combine sources")
+    g.add_argument("--labels", action="append", metavar="SPEC",
+                   help="per --images, in order: a CSV (path,label[,group]; header optional), a JSON file, "
+                        "'folders' (one sub-folder per class) or 'none' (default: unlabelled)")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", metavar="SPEC", help="hf:<hub id or dir> or timm:<name or dir>")
+    g.add_argument("--weights", metavar="FILE", help="timm: local weights file (safetensors or .pth)")
+    g.add_argument("--preprocess", choices=["baseline", "hf"], default="baseline",
+                   help="baseline: shorter side 256 bicubic + center-crop 224; hf: 224x224 bilinear (default: baseline)")
+    g.add_argument("--image-size", type=int, default=224, help="network input side (default: 224)")
+    g.add_argument("--feature-sets", nargs="+", choices=FEATURE_SETS, default=list(FEATURE_SETS),
+                   help="feature sets to cache (default: cls patch_mean)")
+    g = p.add_argument_group("output and run")
+    g.add_argument("--out", metavar="DIR", help="cache directory (shard-NNNNN.h5 + extract.json)")
+    g.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype (default: float16)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    g.add_argument("--shard-size", type=int, default=4096, help="inputs per shard, the unit of resumption (default: 4096)")
+    g.add_argument("--workers", type=int, default=None, help="decode processes (default: min(8, CPUs))")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--max-failures", default="1%", help="undecodable images tolerated, count or share (default: 1%%)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+
+    pc = sub.add_parser("cache", help="inspect, verify and merge feature caches")
+    csub = pc.add_subparsers(dest="cache_command", metavar="ACTION")
+    pc.set_defaults(_handler=None, _parser=pc)
+    p = add("info", _cmd_cache_info, "rows, feature sets, labels, failures and provenance of a cache", csub)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="cache directory or shard files")
+    _add_common(p)
+    p = add("verify", _cmd_cache_verify, "check a cache end to end; exit 1 on any problem", csub)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="cache directory or shard files")
+    _add_common(p, json_flag=False)
+    p = add("merge", _cmd_cache_merge, "copy several caches (same fingerprint) into one shard file", csub)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="cache directories or shard files, in row order")
+    p.add_argument("--out", required=True, metavar="FILE", help="the merged .h5 file (must not exist)")
+    _add_common(p)
+
+    p = add("demo", _cmd_demo, "build demo images from scikit-learn's digits and run the whole pipeline on them")
+    p.add_argument("--out", default="stage1-demo", metavar="DIR", help="where everything goes (default: stage1-demo)")
+    p.add_argument("--n-images", type=int, default=2000, help="images to render (default: 2000)")
+    p.add_argument("--backbone", metavar="SPEC", help="real backbone to use instead of the tiny random-init one")
+    p.add_argument("--weights", metavar="FILE", help="timm: local weights file for --backbone")
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: min(8, CPUs))")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_common(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "_handler", None):
+            (getattr(args, "_parser", None) or parser).print_help()
+            return 0 if not argv else 2
+        args = apply_config(parser, argv, args)
+        return int(args._handler(args) or 0)
+    except Stage1Error as e:
+        print(f"stage1: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stage1: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
