@@ -1,0 +1,127 @@
+"""`extract` end to end: correct features, odd/broken images, resume after SIGKILL, no mixing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cache import Stage1Error, open_cache
+from cache.tools import verify_cache
+from extract.backbone import load_backbone
+from extract.preprocess import Preprocessing, load_and_preprocess
+from extract.run import ExtractConfig, run_extract
+from tests.conftest import REPO
+
+
+def _cfg(digits, spec, out, **kw):
+    base = dict(images=[digits["root"]], labels=[digits["train"]], backbone=spec, out=str(out), workers=0,
+                batch_size=8, shard_size=16, progress=False, dtype="float32")
+    return ExtractConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("which", ["tiny_hf", "tiny_timm"])
+def test_features_equal_direct_call(digits_small, tmp_path, which, request):
+    spec = request.getfixturevalue(which)
+    s = run_extract(_cfg(digits_small, spec, tmp_path / "c"))
+    assert s["failures"] == 3 and s["failure_reasons"]  # the three broken files
+    bb = load_backbone(spec)
+    recipe = Preprocessing()
+    with open_cache(str(tmp_path / "c")) as c:
+        assert len(c) + 3 == s["inputs"]
+        assert {f["path"] for f in c.failures} == {"images/broken_truncated.jpg", "images/broken_not_an_image.jpg",
+                                                   "images/broken_empty.png"}
+        rows = [0, 5, len(c) - 1]
+        x = torch.stack([load_and_preprocess(os.path.join(digits_small["root"], c.paths[r]), recipe)[0] for r in rows])
+        with torch.inference_mode():
+            want = bb(x)
+        for name in ("cls", "patch_mean"):
+            np.testing.assert_allclose(c.features(name)[rows], want[name].numpy(), rtol=1e-4, atol=1e-5)
+        assert c.provenance["preprocessing"]["resize"] == 256 and c.provenance["backbone"]["library"] in ("hf", "timm")
+    assert verify_cache(str(tmp_path / "c")) == []
+
+
+def test_labels_paths_hashes_carried(digits_small, tmp_path, tiny_hf):
+    import hashlib
+
+    run_extract(_cfg(digits_small, tiny_hf, tmp_path / "c"))
+    listed = [line.split(",") for line in open(digits_small["train"]).read().split()]
+    with open_cache(str(tmp_path / "c")) as c:
+        by_path = dict(zip(c.paths.tolist(), c.labels.tolist(), strict=True))
+        for p, lab in listed:
+            if "broken" not in p:
+                assert by_path[p] == int(lab)
+        p0 = os.path.join(digits_small["root"], c.paths[0])
+        assert c.sha256[0] == hashlib.sha256(open(p0, "rb").read()).hexdigest()
+        assert c.group[0] == c.sha256[0]  # no group column: grouped by content
+        assert np.all(np.diff(c.index) > 0)
+
+
+def test_rerun_skips_and_other_backbone_refused(digits_small, tmp_path, tiny_hf, tiny_timm):
+    out = tmp_path / "c"
+    first = run_extract(_cfg(digits_small, tiny_hf, out))
+    before = {f: os.path.getmtime(out / f) for f in os.listdir(out) if f.endswith(".h5")}
+    again = run_extract(_cfg(digits_small, tiny_hf, out))
+    assert again["shards_written"] == 0 and again["shards_skipped"] == first["shards"]
+    assert before == {f: os.path.getmtime(out / f) for f in os.listdir(out) if f.endswith(".h5")}
+    with pytest.raises(Stage1Error, match="already holds a cache built with backbone"):
+        run_extract(_cfg(digits_small, tiny_timm, out))
+    with pytest.raises(Stage1Error, match="already holds a cache built with"):
+        run_extract(_cfg(digits_small, tiny_hf, out, preprocess="hf"))
+    with pytest.raises(Stage1Error, match="different input list"):
+        run_extract(_cfg(digits_small, tiny_hf, out, labels=[digits_small["val"]]))
+    assert before == {f: os.path.getmtime(out / f) for f in os.listdir(out) if f.endswith(".h5")}
+
+
+def test_max_failures(digits_small, tmp_path, tiny_hf):
+    s = run_extract(_cfg(digits_small, tiny_hf, tmp_path / "c", max_failures="2"))
+    assert s["failures_exceeded"] and s["max_failures"] == 2
+    s = run_extract(_cfg(digits_small, tiny_hf, tmp_path / "c", max_failures="20%"))
+    assert not s["failures_exceeded"]
+
+
+def _extract_cmd(digits, spec, out):
+    return [sys.executable, "-m", "headlab", "extract", "--images", digits["root"], "--labels", digits["train"],
+            "--backbone", spec, "--out", str(out), "--workers", "0", "--batch-size", "2", "--shard-size", "4", "--max-failures", "5",
+            "--quiet"]
+
+
+def kill_and_resume(cmd, out, *, after_shards: int = 2, timeout: float = 300) -> None:
+    """Start ``cmd``, SIGKILL it once ``after_shards`` shards are complete, then re-run it."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        done = [f for f in os.listdir(out) if f.endswith(".h5")] if os.path.isdir(out) else []
+        if len(done) >= after_shards or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "extraction finished before it could be killed: " + proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(Stage1Error):  # the killed cache is not accepted as complete
+        open_cache(str(out))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+
+
+def test_resume_after_sigkill_is_bitwise_identical(digits_small, tmp_path, tiny_hf):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    r = subprocess.run(_extract_cmd(digits_small, tiny_hf, ref), env={**os.environ, "PYTHONPATH": REPO},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    kill_and_resume(_extract_cmd(digits_small, tiny_hf, killed), killed)
+    assert verify_cache(str(killed)) == []
+    with open_cache(str(ref)) as a, open_cache(str(killed)) as b:
+        for name in ("cls", "patch_mean"):
+            fa, fb = a.features(name, dtype=np.float16), b.features(name, dtype=np.float16)
+            assert fa.tobytes() == fb.tobytes()
+        assert a.paths.tolist() == b.paths.tolist() and a.labels.tolist() == b.labels.tolist()
+        assert a.failures == b.failures
