@@ -93,6 +93,39 @@ def _cmd_cache_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from headlab.train import TrainConfig, format_results, run_train
+
+    if not args.train or not args.val or not args.out:
+        missing = [f for f, v in (("--train", args.train), ("--val", args.val), ("--out", args.out)) if not v]
+        raise Stage1Error(f"train needs {', '.join(missing)} (as flags or keys in --config)")
+    keys = ("features", "head", "lr", "weight_decay", "dropout", "hidden", "epochs", "batch_size", "warmup_epochs",
+            "label_smoothing", "class_weights", "ema_decay", "grad_clip", "patience", "select_metric",
+            "val_select_ratio", "seed", "knn_k", "knn_temperature", "max_memory", "device")
+    cfg = TrainConfig(train=args.train, val=args.val, out=args.out, progress=not args.quiet,
+                      **{k: getattr(args, k) for k in keys})
+    res = run_train(cfg)
+    if args.json:
+        _print_json(res)
+    else:
+        print(format_results(res))
+        print(f"run directory: {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from headlab.evaluate import evaluate_run
+
+    res = evaluate_run(args.run, args.cache)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"{res['head']} on {' '.join(res['cache'])} ({res['n']} rows)")
+        for k in ("accuracy", "balanced_accuracy", "mcc", "auroc", "nll", "brier", "ece", "ace"):
+            print(f"  {k:18s} {res[k]:.4f}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from headlab.demo import run_demo
 
@@ -163,6 +196,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("merge", _cmd_cache_merge, "copy several caches (same fingerprint) into one shard file", csub)
     p.add_argument("paths", nargs="+", metavar="PATH", help="cache directories or shard files, in row order")
     p.add_argument("--out", required=True, metavar="FILE", help="the merged .h5 file (must not exist)")
+    _add_common(p)
+
+    p = add("train", _cmd_train, "train a grid of heads on cached features; the best is chosen on val_select")
+    g = p.add_argument_group("data")
+    g.add_argument("--train", nargs="+", metavar="CACHE", help="training cache(s)")
+    g.add_argument("--val", nargs="+", metavar="CACHE", help="labelled validation cache(s)")
+    g.add_argument("--out", metavar="DIR", help="run directory to create")
+    g.add_argument("--val-select-ratio", type=float, default=0.5,
+                   help="share of validation groups for selection; the rest certifies (default: 0.5)")
+    g.add_argument("--max-memory", metavar="SIZE", help="stream training rows from HDF5 when they exceed SIZE "
+                                                        "(e.g. 1GB; default: always in memory)")
+    g = p.add_argument_group("grid (every combination is trained, sharing batches)")
+    g.add_argument("--features", nargs="+", default=["cls"], choices=["cls", "patch_mean", "cls+patch_mean"],
+                   help="feature sets (default: cls)")
+    g.add_argument("--head", nargs="+", default=["mlp", "linear"], choices=["mlp", "linear"],
+                   help="head kinds (default: mlp linear)")
+    g.add_argument("--lr", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3], help="learning rates (default: 1e-4 3e-4 1e-3)")
+    g.add_argument("--weight-decay", nargs="+", type=float, default=[0.01], help="AdamW weight decay (default: 0.01)")
+    g.add_argument("--dropout", nargs="+", type=float, default=[0.3], help="mlp dropout (default: 0.3)")
+    g.add_argument("--hidden", type=int, default=768, help="mlp hidden width (default: 768)")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int, default=30, help="maximum epochs (default: 30)")
+    g.add_argument("--batch-size", type=int, default=256, help="rows per update (default: 256)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup (default: 1)")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="(default: 0.1)")
+    g.add_argument("--class-weights", choices=["balanced", "none"], default="balanced", help="(default: balanced)")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of weights, 0 disables (default: 0.9999)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm per head, 0 disables (default: 1.0)")
+    g.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default: 5)")
+    g.add_argument("--select-metric", default="mcc", help="val_select metric that chooses (default: mcc)")
+    g.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    g.add_argument("--knn-k", nargs="*", type=int, default=[10, 20, 50], help="k-NN baseline ks; none to skip (default: 10 20 50)")
+    g.add_argument("--knn-temperature", type=float, default=0.07, help="(default: 0.07)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+
+    p = add("evaluate", _cmd_evaluate, "metrics of a run's chosen head on a labelled cache")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--cache", nargs="+", required=True, metavar="CACHE", help="labelled cache(s)")
     _add_common(p)
 
     p = add("demo", _cmd_demo, "build demo images from scikit-learn's digits and run the whole pipeline on them")

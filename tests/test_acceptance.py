@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cache import open_cache
-from tests.test_extract import kill_and_resume
 from tests.conftest import run_cli
+from tests.test_extract import kill_and_resume
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cache import Stage1Error, ShardWriter, fingerprint_of, open_cache
+from cache import ShardWriter, Stage1Error, fingerprint_of, open_cache
 from cache.tools import cache_info, merge_caches, verify_cache
 
 PROV = {"format_version": 1, "backbone": {"library": "hf", "weights_sha256": "ab" * 32}, "preprocessing": {"preset": "baseline"},

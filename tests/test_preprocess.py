@@ -11,7 +11,14 @@ from PIL import Image
 from torchvision import transforms as TV
 
 from cache import Stage1Error
-from extract.preprocess import IMAGENET_MEAN, IMAGENET_STD, DecodeError, Preprocessing, decode_image, load_and_preprocess
+from extract.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DecodeError,
+    Preprocessing,
+    decode_image,
+    load_and_preprocess,
+)
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
