@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,6 +83,8 @@ class HeadGrid(nn.Module):
         for i, s in enumerate(self.specs):
             groups.setdefault((s.kind, self.slices[i], s.hidden if s.kind == "mlp" else 0), []).append(i)
         self.groups = list(groups.items())
+        # Dropout's random bits on a CPU (seeded from torch's RNG: torch.manual_seed governs it).
+        self._rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
     def feature_range(self, features: str) -> tuple[int, int]:
         parts = features.split("+")
@@ -93,6 +96,27 @@ class HeadGrid(nn.Module):
             if a != b:
                 raise KeyError(f"feature sets {parts} are not adjacent columns")
         return spans[0][0], spans[-1][1]
+
+    def _dropout(self, hid: torch.Tensor, rates: list[float], hidden: int) -> torch.Tensor:
+        """Inverted dropout with a rate per head (column block).
+
+        On a CPU the keep-mask comes from 16 random bits per unit drawn by numpy's PCG64
+        (several times faster than torch's CPU ``uniform_``, which otherwise dominates a
+        head's step); rates are exact to 1/65536. On a GPU, torch's own RNG is used.
+        """
+        if all(p == 0 for p in rates):
+            return hid
+        keep = torch.tensor([1.0 - p for p in rates], dtype=torch.float64).repeat_interleave(hidden)
+        if hid.device.type == "cpu":
+            bits = np.frombuffer(self._rng.bytes(2 * hid.numel()), dtype=np.uint16).reshape(hid.shape)
+            thresh = np.round(keep.numpy() * 65536.0).astype(np.uint32)
+            mask = torch.from_numpy(bits < thresh)
+            keep = torch.from_numpy(thresh / 65536.0)
+        else:
+            mask = torch.rand_like(hid) < keep.to(hid.device, hid.dtype)
+        if len(set(rates)) == 1:
+            return hid * mask * float(1.0 / keep[0])
+        return hid * mask * (1.0 / keep).to(hid.device, hid.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty((len(self.heads), x.shape[0], self.num_classes))
@@ -109,11 +133,7 @@ class HeadGrid(nn.Module):
             b1 = torch.cat([h.fc1.bias for h in heads]) if g > 1 else heads[0].fc1.bias
             hid = F.relu(F.linear(xs, w1, b1))  # (B, g * hidden)
             if self.training:
-                p = torch.tensor([h.dropout for h in heads], device=x.device, dtype=hid.dtype)
-                if bool((p > 0).any()):
-                    keep = (1.0 - p).repeat_interleave(hidden)
-                    mask = torch.rand_like(hid) < keep
-                    hid = hid * mask / keep
+                hid = self._dropout(hid, [h.dropout for h in heads], hidden)
             if g == 1:
                 out[idx[0]] = F.linear(hid, heads[0].fc2.weight, heads[0].fc2.bias)
                 continue

@@ -49,3 +49,39 @@ def run_subprocess(argv: list[str], **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "headlab", *argv], capture_output=True, text=True,
                           env=env, timeout=kw.pop("timeout", 300), **kw)
+
+
+PROV = {"format_version": 1, "backbone": {"library": "test", "weights_sha256": "ab" * 32},
+        "preprocessing": {"preset": "baseline"}, "feature_dtype": "float16", "feature_sets": ["cls", "patch_mean"]}
+
+
+def make_cache(path, feats: dict, labels, *, groups=None, prov=None, dtype="float16", classes=None) -> str:
+    """Write one complete shard file holding ``feats`` (name -> (N, D)) and ``labels``."""
+    import numpy as np
+
+    from cache import ShardWriter, fingerprint_of
+
+    prov = {**PROV, **(prov or {}), "feature_dtype": dtype, "feature_sets": list(feats)}
+    n = len(labels)
+    groups = [f"g{i}" for i in range(n)] if groups is None else list(groups)
+    w = ShardWriter(str(path), feature_dims={k: v.shape[1] for k, v in feats.items()}, provenance=prov,
+                    fingerprint=fingerprint_of(prov), feature_dtype=dtype, classes=classes,
+                    plan={"plan_id": "t" * 64, "input_start": 0, "input_stop": n, "num_inputs": n})
+    w.add_rows(features=feats, labels=np.asarray(labels), paths=[f"img{i}.jpg" for i in range(n)],
+               sha256=[f"{i:064x}" for i in range(n)], source=["synthetic"] * n, group=groups, index=np.arange(n))
+    w.finish()
+    return str(path)
+
+
+def blobs(n: int, d: int = 16, *, k: int = 2, sep: float = 1.5, seed: int = 0, flip: float = 0.05):
+    """Gaussian classes with some label noise: ``(cls, patch_mean, labels)``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    centers = rng.normal(size=(k, d)) * sep
+    x = centers[y] + rng.normal(size=(n, d))
+    noisy = rng.random(n) < flip
+    y = np.where(noisy, rng.integers(0, k, n), y)
+    pm = x @ rng.normal(size=(d, d)) / np.sqrt(d) + 0.5 * rng.normal(size=(n, d))
+    return x.astype(np.float32), pm.astype(np.float32), y

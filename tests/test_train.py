@@ -1,0 +1,189 @@
+"""Head training on cached features: the recipe, the grid, splits, run dirs, streaming, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import schemas
+from cache import Stage1Error
+from headlab.evaluate import evaluate_run
+from headlab.heads import HeadGrid, HeadSpec
+from headlab.knn import knn_probs
+from headlab.rundir import load_run
+from headlab.splits import split_select_calib
+from headlab.train import TrainConfig, run_train
+from tests.conftest import blobs, make_cache
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_caches")
+    x, pm, y = blobs(3000, seed=0)
+    out = {"train": make_cache(d / "train.h5", {"cls": x[:2000], "patch_mean": pm[:2000]}, y[:2000]),
+           "val": make_cache(d / "val.h5", {"cls": x[2000:2600], "patch_mean": pm[2000:2600]}, y[2000:2600],
+                             groups=[f"g{i // 3}" for i in range(600)]),
+           "test": make_cache(d / "test.h5", {"cls": x[2600:], "patch_mean": pm[2600:]}, y[2600:])}
+    return out
+
+
+def _cfg(caches, out, **kw):
+    base = dict(train=[caches["train"]], val=[caches["val"]], out=str(out), epochs=8, batch_size=128,
+                progress=False, lr=[1e-3, 3e-3], knn_k=[5, 20])
+    return TrainConfig(**{**base, **kw})
+
+
+def test_split_is_deterministic_grouped_and_balanced():
+    groups = [f"scene{i // 4}" for i in range(4000)]
+    sel, cal = split_select_calib(groups, ratio=0.5, seed=3)
+    sel2, cal2 = split_select_calib(groups, ratio=0.5, seed=3)
+    assert np.array_equal(sel, sel2) and np.array_equal(cal, cal2)
+    assert set(sel).isdisjoint(cal) and len(sel) + len(cal) == 4000
+    side = {}
+    for i in sel:
+        side.setdefault(groups[i], set()).add("s")
+    for i in cal:
+        side.setdefault(groups[i], set()).add("c")
+    assert all(len(v) == 1 for v in side.values())  # no group straddles
+    assert abs(len(sel) / 4000 - 0.5) < 0.05
+    other, _ = split_select_calib(groups, ratio=0.5, seed=4)
+    assert not np.array_equal(sel, other)
+    with pytest.raises(Stage1Error, match="left val_calib empty"):
+        split_select_calib(["only-one"], ratio=0.5)
+
+
+def test_grid_forward_equals_each_head():
+    specs = [HeadSpec("mlp", "cls", 1e-3, 0.01, 0.3), HeadSpec("mlp", "cls", 1e-4, 0.0, 0.1),
+             HeadSpec("linear", "cls+patch_mean", 1e-3, 0.01, 0.0), HeadSpec("linear", "patch_mean", 1e-2, 0.0, 0.0),
+             HeadSpec("mlp", "patch_mean", 1e-3, 0.0, 0.3, hidden=32)]
+    grid = HeadGrid(specs, {"cls": (0, 8), "patch_mean": (8, 16)}, 3).eval()
+    x = torch.randn(7, 16)
+    out = grid(x)
+    assert out.shape == (5, 7, 3)
+    for g, (head, (lo, hi)) in enumerate(zip(grid.heads, grid.slices, strict=True)):
+        torch.testing.assert_close(out[g], head(x[:, lo:hi]))
+    grid.train()
+    grid(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in grid.parameters())
+
+
+def test_train_writes_complete_run_dir(caches, tmp_path):
+    res = run_train(_cfg(caches, tmp_path / "run", features=["cls", "cls+patch_mean"]))
+    run = tmp_path / "run"
+    for f in ("config.json", "splits.json", "results.json", "results.csv", "log.jsonl", "head.safetensors",
+              "logits.npz"):
+        assert (run / f).exists(), f
+    assert len(list((run / "heads").glob("*.safetensors"))) == len(res["heads"]) == 2 * 2 * 2
+    r = load_run(str(run))
+    assert r.results["chosen_val_select"]["accuracy"] > 0.85  # separable blobs, 5% label noise
+    lg = r.logits()
+    assert lg["val_select_logits"].shape == (len(r.splits["val_select"]), 2)
+    assert lg["train_logits"].shape == (2000, 2)
+    assert set(r.splits["val_select"]).isdisjoint(r.splits["val_calib"])
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert 1 <= len(log) <= 8 and all(len(e["val_select_mcc"]) == 8 for e in log)
+    assert {k["k"] for k in res["knn"]} == {5, 20} and all(k["val_select_accuracy"] > 0.8 for k in res["knn"])
+    # evaluate = the chosen head recomputed from its weights on a fresh cache
+    ev = evaluate_run(str(run), [caches["test"]])
+    assert ev["n"] == 400 and ev["accuracy"] > 0.85 and -1 <= ev["mcc"] <= 1
+    # the stored val_calib logits are the chosen head's: evaluate on val reproduces them
+    from cache import open_cache
+    from headlab.rundir import head_logits
+
+    with open_cache(caches["val"]) as c:
+        np.testing.assert_allclose(head_logits(r, c)[r.splits["val_calib"]], lg["val_calib_logits"], atol=1e-5)
+
+
+def test_reproducible_with_seed(caches, tmp_path):
+    a = run_train(_cfg(caches, tmp_path / "a", epochs=3, knn_k=[]))
+    b = run_train(_cfg(caches, tmp_path / "b", epochs=3, knn_k=[]))
+    assert [h["val_select_nll"] for h in a["heads"]] == [h["val_select_nll"] for h in b["heads"]]
+    assert (tmp_path / "a" / "head.safetensors").read_bytes() == (tmp_path / "b" / "head.safetensors").read_bytes()
+
+
+def test_k_classes(tmp_path):
+    x, pm, y = blobs(1500, k=4, seed=1, sep=2.0)
+    tr = make_cache(tmp_path / "tr.h5", {"cls": x[:1000], "patch_mean": pm[:1000]}, y[:1000])
+    va = make_cache(tmp_path / "va.h5", {"cls": x[1000:], "patch_mean": pm[1000:]}, y[1000:])
+    res = run_train(TrainConfig(train=[tr], val=[va], out=str(tmp_path / "run"), epochs=6, progress=False,
+                                lr=[3e-3], knn_k=[10]))
+    assert res["num_classes"] == 4 and res["chosen_val_select"]["accuracy"] > 0.8
+    assert np.isfinite(res["chosen_val_select"]["auroc"])
+
+
+def test_streaming_matches_in_memory_quality(caches, tmp_path):
+    mem = run_train(_cfg(caches, tmp_path / "mem", head=["linear"], lr=[3e-3], knn_k=[]))
+    st = run_train(_cfg(caches, tmp_path / "st", head=["linear"], lr=[3e-3], knn_k=[], max_memory="40KB"))
+    assert st["streamed"] and not mem["streamed"]
+    assert abs(st["chosen_val_select"]["accuracy"] - mem["chosen_val_select"]["accuracy"]) < 0.03
+
+
+def test_quality_at_least_logistic_regression(tmp_path):
+    """Real data (scikit-learn's digits, >=5 vs <5) through a fixed random-feature map:
+    the chosen head must match or beat LogisticRegression on the same features."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    proj = rng.normal(size=(64, 48)) / 8.0
+    feats = np.tanh(d.data @ proj / 4.0).astype(np.float32)  # (1797, 48)
+    y = (d.target >= 5).astype(np.int64)
+    idx = rng.permutation(len(y))
+    tr, va, te = idx[:1000], idx[1000:1400], idx[1400:]
+    paths = {k: make_cache(tmp_path / f"{k}.h5", {"cls": feats[i], "patch_mean": feats[i]}, y[i], dtype="float32")
+             for k, i in (("tr", tr), ("va", va), ("te", te))}
+    run_train(TrainConfig(train=[paths["tr"]], val=[paths["va"]], out=str(tmp_path / "run"), epochs=40,
+                          lr=[1e-3, 3e-3], progress=False, knn_k=[], patience=10))
+    ours = evaluate_run(str(tmp_path / "run"), [paths["te"]])["accuracy"]
+    lr = LogisticRegression(max_iter=5000).fit(feats[tr], y[tr]).score(feats[te], y[te])
+    assert ours >= lr, (ours, lr)
+
+
+def test_knn_matches_brute_force():
+    rng = np.random.default_rng(0)
+    tr, q = rng.normal(size=(50, 6)), rng.normal(size=(9, 6))
+    y = rng.integers(0, 3, 50)
+    got = knn_probs(tr, y, q, ks=[5], temperature=0.1, num_classes=3, chunk=4)[5]
+    trn = tr / np.linalg.norm(tr, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    for i in range(9):
+        sims = trn @ qn[i]
+        top = np.argsort(-sims)[:5]
+        votes = np.zeros(3)
+        for j in top:
+            votes[y[j]] += np.exp(sims[j] / 0.1)
+        np.testing.assert_allclose(got[i], votes / votes.sum(), rtol=1e-5)
+
+
+def test_train_errors(caches, tmp_path):
+    x, pm, y = blobs(100, seed=2)
+    other = make_cache(tmp_path / "other.h5", {"cls": x, "patch_mean": pm}, y, prov={"preprocessing": {"preset": "hf"}})
+    unl = make_cache(tmp_path / "unl.h5", {"cls": x, "patch_mean": pm}, np.full(100, -1))
+    only_cls = make_cache(tmp_path / "cls.h5", {"cls": x}, y)
+    tiny = make_cache(tmp_path / "tiny.h5", {"cls": x[:1], "patch_mean": pm[:1]}, y[:1])
+    cases = [
+        (dict(val=[other]), "caches do not match: train"),
+        (dict(val=[unl]), "100 unlabelled rows"),
+        (dict(train=[only_cls], val=[only_cls], features=["patch_mean"]), "feature set 'patch_mean' is not in this cache"),
+        (dict(val=[tiny]), "left val_"),
+        (dict(head=["transformer"]), "--head"),
+        (dict(select_metric="f1"), "--select-metric 'f1'"),
+        (dict(max_memory="lots"), "--max-memory 'lots'"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(Stage1Error, match=match):
+            run_train(_cfg(caches, tmp_path / "bad", **kw))
+    run_train(_cfg(caches, tmp_path / "done", epochs=1, knn_k=[], head=["linear"], lr=[1e-3]))
+    with pytest.raises(Stage1Error, match="already holds a finished run"):
+        run_train(_cfg(caches, tmp_path / "done", epochs=1))
+    schemas.read_json(str(tmp_path / "done" / "results.json"), "train_results")
+    with pytest.raises(Stage1Error, match="cache fingerprint .* differs from the run's"):
+        evaluate_run(str(tmp_path / "done"), [other])
+    os.remove(tmp_path / "done" / "head.safetensors")
+    with pytest.raises(Stage1Error, match="head.safetensors: missing"):
+        evaluate_run(str(tmp_path / "done"), [caches["test"]])
