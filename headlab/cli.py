@@ -126,6 +126,89 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outputs(args: argparse.Namespace):
+    from headlab.lab import load_outputs
+
+    return load_outputs(args.run, logits_file=args.logits, out=args.out, ratio=args.val_select_ratio, seed=args.seed)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from headlab.lab import run_calibrate
+
+    rec = run_calibrate(_outputs(args), method=args.method, variant=args.variant, seed=args.seed)
+    if args.json:
+        _print_json(rec)
+        return 0
+    print(f"{rec['method']} calibration fitted on val_select ({rec['fitted_on']['n']} rows)")
+    print(f"{'':10s} {'split':10s} {'nll':>8} {'ece':>8} {'ace':>8} {'brier':>8}")
+    for split, m in rec["metrics"].items():
+        for when in ("before", "after"):
+            r = m[when]
+            print(f"{when:10s} {split:10s} {r['nll']:8.4f} {r['ece']:8.4f} {r['ace']:8.4f} {r['brier']:8.4f}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from headlab.lab import run_sweep
+
+    rec = run_sweep(_outputs(args), target=args.target_fnr, definition=args.fnr_definition, rule=args.rule,
+                    max_fdr=args.max_fdr)
+    rec.pop("table")
+    if args.json:
+        _print_json(rec)
+        return 0
+    c = rec["chosen"]
+    print(f"{rec['thresholds']} achievable thresholds on val_select ({rec['n']} rows, calibration: {rec['calibration']})")
+    if c is None:
+        print(f"no threshold keeps FNR ({rec['fnr_definition']}) <= {rec['target_fnr']}")
+    else:
+        thr = ", ".join(f"{k} = {c[k]:.6g}" for k in ("t_conf", "t_neg") if k in c)
+        print(f"max coverage with FNR ({rec['fnr_definition']}) <= {rec['target_fnr']}: {thr}"
+              + (f", t_pos = {rec['t_pos']:.6g}" if rec.get("t_pos") is not None else "")
+              + f": coverage {c['coverage']:.4f} ({c['exits']} exits, {c['fn']} FN), accuracy {c['accuracy']:.4f}, "
+              f"MCC {c['mcc']:.4f}")
+    m = rec["mcc_optimal"]
+    print(f"MCC-optimal decision threshold: p >= {m['tau']:.6g} (MCC {m['mcc']:.4f}, accuracy {m['accuracy']:.4f})")
+    return 0
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    from headlab.lab import run_certify
+
+    rec = run_certify(_outputs(args), alpha=args.alpha, delta=args.delta, definition=args.fnr_definition,
+                      rule=args.rule, max_fdr=args.max_fdr, grid_size=args.grid_size)
+    if args.json:
+        _print_json(rec)
+        return 0
+    ltt = rec["ltt"]
+    print(f"Learn-then-Test on val_calib ({rec['n_calib']} rows), grid of {ltt['grid']['size']} thresholds "
+          f"fixed from val_select; FNR definition '{ltt['definition']}', alpha {ltt['alpha']}, delta {ltt['delta']}")
+    if ltt["certified"]:
+        pol = rec["policy"]
+        thr = ", ".join(f"{k} = {pol[k]:.6g}" for k in ("t_conf", "t_neg", "t_pos") if pol.get(k) is not None)
+        print(f"CERTIFIED {thr}: P(FNR <= {ltt['alpha']}) >= {1 - ltt['delta']:.3g}; {ltt['errors']} errors among "
+              f"{ltt['effective_n']} effective samples, upper bound {ltt['upper_bound']:.4f}, p = {ltt['p_value']:.3g}, "
+              f"coverage {ltt['coverage']:.4f}")
+    else:
+        print(ltt["reason"])
+    if rec.get("crc"):
+        c = rec["crc"]
+        print("conformal risk control (expected system FNR): " +
+              (f"t = {c['lam']:.6g}, coverage {c['coverage']:.4f}" if c["certified"] else c["reason"]))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from headlab.report import make_report
+
+    res = make_report(_outputs(args), out_dir=args.report_dir)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"report: {res['html']} ({len(res['plots'])} plots)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from headlab.demo import run_demo
 
@@ -236,6 +319,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", _cmd_evaluate, "metrics of a run's chosen head on a labelled cache")
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--cache", nargs="+", required=True, metavar="CACHE", help="labelled cache(s)")
+    _add_common(p)
+
+    def add_source(p):
+        p.add_argument("run", nargs="?", metavar="RUN_DIR", help="run directory from `stage1 train`")
+        p.add_argument("--logits", metavar="FILE.npz", help="instead of RUN_DIR: labels + logits (N,K) or probs (N,)")
+        p.add_argument("--out", metavar="DIR", help="artifact directory (default: RUN_DIR; required with --logits)")
+        p.add_argument("--val-select-ratio", type=float, default=0.5, help="--logits rows used for selection (default: 0.5)")
+        p.add_argument("--seed", type=int, default=0, help="split seed for --logits (default: 0)")
+
+    def add_rule(p):
+        p.add_argument("--fnr-definition", choices=["conditional", "exits", "system"], default="conditional",
+                       help="FN/positives among exits, FN/exits, or FN/all positives (default: conditional)")
+        p.add_argument("--rule", choices=["max-softmax", "two-sided"], default="max-softmax",
+                       help="exit when max(p,1-p) >= t, or p >= t_pos / p <= t_neg (default: max-softmax)")
+        p.add_argument("--max-fdr", type=float, default=0.05,
+                       help="two-sided: t_pos keeps false positives among positive exits <= this on val_select (default: 0.05)")
+
+    p = add("calibrate", _cmd_calibrate, "fit a calibration map on val_select; metrics before/after")
+    add_source(p)
+    p.add_argument("--method", choices=["temperature", "dirichlet", "beta", "isotonic"], default="temperature",
+                   help="(default: temperature)")
+    p.add_argument("--variant", choices=["full", "diagonal"], default="full", help="Dirichlet W (default: full)")
+    _add_common(p)
+
+    p = add("sweep", _cmd_sweep, "every achievable exit threshold on val_select; max coverage under a target FNR")
+    add_source(p)
+    p.add_argument("--target-fnr", type=float, default=0.02, help="(default: 0.02)")
+    add_rule(p)
+    _add_common(p)
+
+    p = add("certify", _cmd_certify, "certify the exit threshold on val_calib (Learn-then-Test, exact binomial)")
+    add_source(p)
+    p.add_argument("--alpha", type=float, default=0.02, help="FNR bound (default: 0.02)")
+    p.add_argument("--delta", type=float, default=0.1, help="allowed failure probability (default: 0.1)")
+    p.add_argument("--grid-size", type=int, default=200, help="thresholds in the val_select grid (default: 200)")
+    add_rule(p)
+    _add_common(p)
+
+    p = add("report", _cmd_report, "PNG plots and one self-contained HTML report")
+    add_source(p)
+    p.add_argument("--report-dir", metavar="DIR", help="where to write (default: <out>/report)")
     _add_common(p)
 
     p = add("demo", _cmd_demo, "build demo images from scikit-learn's digits and run the whole pipeline on them")

@@ -100,17 +100,19 @@ class InMemoryRows:
 class StreamedRows:
     """Rows read from HDF5 shards block by block, blocks in shuffled order each epoch.
 
-    A block is ``block_rows`` consecutive rows (a multiple of the 1024-row HDF5 chunk);
-    rows are shuffled within a block. Peak memory ~ one block of float32 features.
+    A block is ``block_rows`` consecutive rows (a multiple of the 1024-row HDF5 chunk),
+    read in its stored dtype and shuffled within the block; batches are converted to
+    float32 one at a time. Peak memory ~ three stored-dtype copies of one block
+    (the read, the join of feature sets, the shuffled gather) = ``budget_bytes / 2``.
     """
 
     def __init__(self, cache: FeatureCache, sets: Sequence[str], device: torch.device, *, budget_bytes: int) -> None:
         self.cache, self.sets, self.device = cache, list(sets), device
         self.y = np.asarray(cache.labels, dtype=np.int64)
         self.n = len(self.y)
-        row_bytes = 4 * sum(cache.feature_sets[s] for s in sets)
-        # One float32 block plus its float16 read buffer and the batch copies: budget / 4.
-        self.block_rows = max(1024, (budget_bytes // 4 // row_bytes) // 1024 * 1024)
+        f0 = cache._files[0]["features"]
+        row_bytes = sum(f0[s].dtype.itemsize * f0[s].shape[1] for s in sets)
+        self.block_rows = max(1024, (budget_bytes // 6 // row_bytes) // 1024 * 1024)
         self.blocks = []  # (file index, start row in file, stop row in file, global offset)
         for fi, (f, off) in enumerate(zip(cache._files, cache._offsets[:-1], strict=True)):
             rows = f["labels"].shape[0]
@@ -119,21 +121,29 @@ class StreamedRows:
 
     def batches(self, gen: torch.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.blocks), generator=gen).tolist()
-        carry_x, carry_y = None, None
+        carry_x = carry_y = None
         for bi in order:
             fi, a, b, off = self.blocks[bi]
             f = self.cache._files[fi]
             parts = [f["features"][s][a:b] for s in self.sets]
-            x = torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]).float()
-            y = torch.from_numpy(self.y[off + a:off + b])
+            block = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            del parts
             perm = torch.randperm(b - a, generator=gen)
-            x, y = x[perm], y[perm]
+            x = torch.from_numpy(block)[perm]  # shuffled, still in the stored dtype
+            del block
+            y = torch.from_numpy(self.y[off + a:off + b])[perm]
+            pos = 0
             if carry_x is not None:
-                x, y = torch.cat([carry_x, x]), torch.cat([carry_y, y])
-            full = (len(y) // batch_size) * batch_size
-            for s in range(0, full, batch_size):
-                yield x[s:s + batch_size].to(self.device), y[s:s + batch_size].to(self.device)
-            carry_x, carry_y = (x[full:], y[full:]) if full < len(y) else (None, None)
-            del x, y, parts
-        if carry_x is not None and len(carry_y):
+                need = batch_size - len(carry_y)
+                yield (torch.cat([carry_x, x[:need].float()]).to(self.device),
+                       torch.cat([carry_y, y[:need]]).to(self.device))
+                pos = need
+                carry_x = carry_y = None
+            while pos + batch_size <= len(y):
+                yield x[pos:pos + batch_size].float().to(self.device), y[pos:pos + batch_size].to(self.device)
+                pos += batch_size
+            if pos < len(y):
+                carry_x, carry_y = x[pos:].float(), y[pos:]
+            del x, y
+        if carry_x is not None:
             yield carry_x.to(self.device), carry_y.to(self.device)

@@ -94,3 +94,87 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, A
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "mcc", "auroc", "nll", "brier", "ece", "ace")
 HIGHER_IS_BETTER = {"accuracy": True, "balanced_accuracy": True, "mcc": True, "auroc": True,
                     "nll": False, "brier": False, "ece": False, "ace": False}
+
+
+# ---------------------------------------------------------------------------------------
+# Selective prediction (risk-coverage). ``confidence`` ranks rows: high = answered first.
+def _risk_coverage(errors: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage and selective risk after each distinct confidence level (ties together)."""
+    order = np.argsort(-confidence, kind="stable")
+    e = errors[order].astype(np.float64)
+    c = confidence[order]
+    last = np.r_[np.flatnonzero(c[1:] != c[:-1]), len(c) - 1]  # end of each tie block
+    cum = np.cumsum(e)[last]
+    k = last + 1
+    return k / len(e), cum / k
+
+
+def aurc(errors: np.ndarray, confidence: np.ndarray) -> float:
+    """Area under the risk-coverage curve (Geifman et al. 2019): mean selective risk over
+    the coverages 1/N..1, tie blocks sharing their risk."""
+    errors = np.asarray(errors, dtype=np.float64)
+    if len(errors) == 0:
+        return float("nan")
+    cov, risk = _risk_coverage(errors, np.asarray(confidence, dtype=np.float64))
+    widths = np.diff(np.r_[0.0, cov])
+    return float(np.sum(widths * risk))
+
+
+def optimal_aurc(errors: np.ndarray) -> float:
+    """AURC of a perfect ranking (all correct rows first)."""
+    errors = np.asarray(errors, dtype=np.float64)
+    n, m = len(errors), errors.sum()
+    k = np.arange(1, n + 1)
+    return float(np.mean(np.maximum(0.0, k - (n - m)) / k))
+
+
+def e_aurc(errors: np.ndarray, confidence: np.ndarray) -> float:
+    """Excess AURC: AURC minus that of the perfect ranking of the same errors."""
+    return aurc(errors, confidence) - optimal_aurc(errors)
+
+
+def augrc(errors: np.ndarray, confidence: np.ndarray) -> float:
+    """Area under the generalised risk-coverage curve (Traub et al. 2024): the generalised
+    risk at coverage c is (errors among the answered) / N."""
+    errors = np.asarray(errors, dtype=np.float64)
+    if len(errors) == 0:
+        return float("nan")
+    cov, risk = _risk_coverage(errors, np.asarray(confidence, dtype=np.float64))
+    widths = np.diff(np.r_[0.0, cov])
+    return float(np.sum(widths * risk * cov))
+
+
+def clopper_pearson(k: int, n: int, *, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided exact binomial confidence interval for k successes in n trials."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return 0.0, 1.0
+    a = (1.0 - level) / 2.0
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1.0 - a, k + 1, n - k))
+    return lo, hi
+
+
+def bootstrap_ci(fn, *arrays: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``fn(*arrays)`` resampling rows."""
+    rng = np.random.default_rng(seed)
+    n = len(arrays[0])
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        v = fn(*(a[idx] for a in arrays))
+        if np.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return float("nan"), float("nan")
+    a = (1.0 - level) / 2.0
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1.0 - a))
+
+
+def selective_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """AURC, E-AURC, AUGRC of max-probability confidence with argmax errors."""
+    p = as_prob_matrix(probs)
+    conf = p.max(axis=1)
+    err = (p.argmax(axis=1) != np.asarray(labels)).astype(np.float64)
+    return {"aurc": aurc(err, conf), "e_aurc": e_aurc(err, conf), "augrc": augrc(err, conf)}

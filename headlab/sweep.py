@@ -1,0 +1,163 @@
+"""Exit-threshold sweeps: every achievable threshold in one sort.
+
+An *exit rule* answers some rows itself and defers the rest. Rules (binary case,
+``p`` = probability of the positive class):
+
+``max-softmax``
+    exit when ``max(p, 1 - p) >= t``; the decision is ``p >= 0.5``.
+``two-sided``
+    exit positive when ``p >= t_pos`` (``t_pos`` fixed beforehand, chosen for false
+    positives), exit negative when ``p <= t_neg``; ``t_neg`` is swept.
+
+A false negative (FN) is a positive that exits with decision 0. FNR definitions:
+``conditional`` FN / positives among exits; ``exits`` FN / exits; ``system``
+FN / all positives (the only one monotone in the threshold).
+
+Everything works on a generic *score* (exit iff ``score >= lam``) and a per-row
+decision, so one sort gives the whole table: O(N log N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cache.errors import Stage1Error
+
+FNR_DEFINITIONS = ("conditional", "exits", "system")
+RULES = ("max-softmax", "two-sided")
+
+
+@dataclass(frozen=True)
+class ExitScores:
+    score: np.ndarray  # (N,) exit iff score >= lam (the swept rows)
+    decision: np.ndarray  # (N,) 0/1 decision when a swept row exits
+    fixed: np.ndarray  # (N,) bool: rows that exit whatever lam is (two-sided positive side)
+    fixed_decision: int  # decision of the fixed exits
+    rule: str
+
+    def threshold_of(self, lam: float) -> dict[str, float]:
+        """The rule's thresholds in probability units for score threshold ``lam``."""
+        if self.rule == "max-softmax":
+            return {"t_conf": float(lam)}
+        return {"t_neg": float(1.0 - lam)}
+
+
+def exit_scores(p: np.ndarray, rule: str = "max-softmax", *, t_pos: float | None = None) -> ExitScores:
+    """Scores and decisions of ``rule`` for positive-class probabilities ``p``."""
+    p = np.asarray(p, dtype=np.float64)
+    if rule == "max-softmax":
+        return ExitScores(np.maximum(p, 1.0 - p), (p >= 0.5).astype(np.int8), np.zeros(len(p), bool), 1, rule)
+    if rule == "two-sided":
+        if t_pos is None:
+            raise ValueError("two-sided exits need t_pos")
+        fixed = p >= t_pos
+        # Rows exiting positive are fixed; the rest can only exit negative (score = 1 - p).
+        score = np.where(fixed, -np.inf, 1.0 - p)
+        return ExitScores(score, np.zeros(len(p), np.int8), fixed, 1, rule)
+    raise Stage1Error(f"--rule {rule!r}: choose one of {list(RULES)}")
+
+
+def _mcc(tp, fp, tn, fn):
+    tp, fp, tn, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, tn, fn))
+    den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (tp * tn - fp * fn) / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _ratio(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
+
+
+def sweep(es: ExitScores, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """One row per achievable exit set, strictest first (row 0 = no swept row exits).
+
+    Columns: ``lam`` (exit iff score >= lam), ``exits``, ``coverage``, ``tp fp tn fn``
+    among exits, ``fnr_conditional``, ``fnr_exits``, ``fnr_system``, ``accuracy`` and
+    ``mcc`` among exits. Tied scores always exit together (only achievable sets).
+    """
+    y = np.asarray(labels).astype(np.int64)
+    n = len(y)
+    if n == 0:
+        raise Stage1Error("cannot sweep thresholds on an empty set of rows")
+    swept = ~es.fixed & np.isfinite(es.score)
+    order = np.flatnonzero(swept)[np.argsort(-es.score[swept], kind="stable")]
+    s, d, t = es.score[order], es.decision[order], y[order]
+    cum = lambda m: np.r_[0, np.cumsum(m)]  # noqa: E731
+    ctp, cfp = cum((d == 1) & (t == 1)), cum((d == 1) & (t == 0))
+    ctn, cfn = cum((d == 0) & (t == 0)), cum((d == 0) & (t == 1))
+    ends = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1, len(s)] if len(s) else np.array([0])
+    ends = np.unique(ends)
+    fx = es.fixed
+    f_pos = int(np.sum(fx & (y == 1)))
+    f_neg = int(np.sum(fx & (y == 0)))
+    if es.fixed_decision == 1:
+        tp0, fp0, tn0, fn0 = f_pos, f_neg, 0, 0
+    else:
+        tp0, fp0, tn0, fn0 = 0, 0, f_neg, f_pos
+    tp, fp, tn, fn = ctp[ends] + tp0, cfp[ends] + fp0, ctn[ends] + tn0, cfn[ends] + fn0
+    exits = tp + fp + tn + fn
+    lam = np.r_[np.inf, s[ends[1:] - 1]] if len(s) else np.array([np.inf])
+    positives = int(np.sum(y == 1))
+    return {"lam": lam, "exits": exits, "coverage": exits / n, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "fnr_conditional": _ratio(fn, fn + tp), "fnr_exits": _ratio(fn, exits),
+            "fnr_system": _ratio(fn, np.full_like(fn, positives)), "accuracy": _ratio(tp + tn, exits),
+            "mcc": _mcc(tp, fp, tn, fn)}
+
+
+def pick_max_coverage(table: dict[str, np.ndarray], *, target: float, definition: str = "conditional") -> int | None:
+    """Row index with the most exits whose FNR (``definition``) is <= ``target``; None if none exits."""
+    if definition not in FNR_DEFINITIONS:
+        raise Stage1Error(f"--fnr-definition {definition!r}: choose one of {list(FNR_DEFINITIONS)}")
+    ok = (table[f"fnr_{definition}"] <= target) & (table["exits"] > 0)
+    if not ok.any():
+        return None
+    cand = np.flatnonzero(ok)
+    return int(cand[np.argmax(table["exits"][cand])])
+
+
+def decision_sweep(p: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The decision threshold (predict positive iff ``p >= tau``) that maximises MCC over all rows."""
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    ends = np.r_[np.flatnonzero(ps[1:] != ps[:-1]) + 1, len(ps)]
+    tp = np.cumsum(ys == 1)[ends - 1]
+    fp = np.cumsum(ys == 0)[ends - 1]
+    P, N = int(np.sum(y == 1)), int(np.sum(y == 0))
+    mcc = _mcc(tp, fp, N - fp, P - tp)
+    acc = (tp + (N - fp)) / len(y)
+    i = int(np.argmax(mcc))
+    return {"tau": float(ps[ends[i] - 1]), "mcc": float(mcc[i]), "accuracy": float(acc[i]),
+            "taus": ps[ends - 1], "mccs": mcc, "accuracies": acc}
+
+
+def choose_t_pos(p: np.ndarray, labels: np.ndarray, *, max_fdr: float) -> float:
+    """Smallest ``t_pos`` whose positive exits have a false-discovery rate <= ``max_fdr``
+    (most positive exits); 1.0 + tiny (no positive exits) when none qualifies."""
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    ends = np.r_[np.flatnonzero(ps[1:] != ps[:-1]) + 1, len(ps)]
+    fp = np.cumsum(ys == 0)[ends - 1]
+    fdr = fp / ends
+    ok = np.flatnonzero(fdr <= max_fdr)
+    if len(ok) == 0:
+        return float(np.nextafter(1.0, 2.0))
+    return float(ps[ends[ok[-1]] - 1])
+
+
+def table_rows(table: dict[str, np.ndarray], es: ExitScores) -> list[dict[str, Any]]:
+    """The table as JSON-ready rows, thresholds in probability units."""
+    rows = []
+    for i in range(len(table["lam"])):
+        r = {k: (float(v[i]) if v.dtype.kind == "f" else int(v[i])) for k, v in table.items() if k != "lam"}
+        lam = float(table["lam"][i])
+        rows.append({**(es.threshold_of(lam) if np.isfinite(lam) else {}), **r})
+    return rows
