@@ -156,6 +156,7 @@ def main() -> None:
     n, d, h, batch = (20_000, 1024, 768, 256) if args.quick else (100_000, 1024, 768, 256)
     n_stream = 200_000 if args.quick else 2_000_000
     tmp = args.tmp or tempfile.mkdtemp(prefix="stage1-train-bench-")
+    os.makedirs(tmp, exist_ok=True)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     train = write_synthetic_cache(os.path.join(tmp, "train.h5"), n, d, seed=0)
     val = write_synthetic_cache(os.path.join(tmp, "val.h5"), 4000, d, seed=1)

@@ -26,6 +26,7 @@ from cache.errors import Stage1Error
 
 METHODS = ("temperature", "dirichlet", "beta", "isotonic")
 ODIR_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+CV_MAX_ROWS = 100_000
 
 
 def _nll_from_logits(z: np.ndarray, y: np.ndarray) -> float:
@@ -135,8 +136,12 @@ class Dirichlet(Calibrator):
         return self
 
     def _choose_reg(self, x, y) -> tuple[float, float]:
-        """ODIR strength by k-fold cross-validated NLL (lam = mu, as a one-dimensional grid)."""
+        """ODIR strength by k-fold cross-validated NLL (lam = mu, as a one-dimensional grid),
+        on at most ``CV_MAX_ROWS`` random rows: the choice needs no more, the final fit uses all."""
         rng = np.random.default_rng(self.seed)
+        if len(y) > CV_MAX_ROWS:
+            keep = rng.choice(len(y), CV_MAX_ROWS, replace=False)
+            x, y = x[keep], y[keep]
         folds = min(self.folds, max(2, len(y) // 20))
         fold = rng.permutation(len(y)) % folds
         best, best_reg = np.inf, ODIR_GRID[0]

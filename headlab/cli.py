@@ -209,6 +209,66 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from headlab.bundle import export_bundle
+
+    m = export_bundle(args.run, args.out, decision_threshold=args.decision_threshold)
+    if args.json:
+        _print_json(m)
+    else:
+        pol = m["policy"]
+        print(f"bundle {args.out}: head {m['head']['name']}, calibration {m['calibrator']}, exit policy "
+              f"{pol['rule']} ({'certified' if pol['certified'] else 'NOT certified: everything defers'}), "
+              f"{len(m['files'])} files with sha256 in manifest.json")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from headlab.predict import Predictor, expand_inputs, write_predictions
+
+    if not args.out:
+        raise Stage1Error("predict needs --out FILE.jsonl or FILE.csv")
+    if not args.out.endswith((".jsonl", ".csv")):
+        raise Stage1Error(f"--out {args.out!r}: use a .jsonl or .csv file name")
+    paths = expand_inputs(args.images)
+    pred = Predictor(args.bundle, backbone=args.backbone, weights=args.weights, device=args.device,
+                     batch_size=args.batch_size, workers=args.workers, natix=args.natix)
+    recs = pred.predict(paths)
+    write_predictions(recs, args.out)
+    ok = [r for r in recs if "error" not in r]
+    exits = sum(r["action"] == "exit" for r in ok)
+    summary = {"out": args.out, "images": len(recs), "errors": len(recs) - len(ok), "exits": exits,
+               "defers": len(ok) - exits, "positives": sum(r["decision"] for r in ok)}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"{len(recs)} images -> {args.out}: {exits} exit, {len(ok) - exits} defer, "
+              f"{summary['positives']} predicted positive, {summary['errors']} unreadable")
+    return 0
+
+
+def _cmd_recalibrate(args: argparse.Namespace) -> int:
+    from headlab.recalibrate import recalibrate
+
+    res = recalibrate(args.bundle, args.cache, args.out, ratio=args.val_select_ratio, seed=args.seed,
+                      method=args.method)
+    if args.json:
+        _print_json(res)
+        return 0
+    d = res["drift"]
+    print(f"new bundle {args.out} (parent {args.bundle})")
+    for k, v in d["per_class"].items():
+        print(f"  class {k}: KS {v['ks']:.4f} (p {v['ks_p_value']:.3g}), PSI {v['psi']:.4f}")
+    print(f"  label prior {d['label_prior']['reference']:.4f} -> {d['label_prior']['new']:.4f}; ECE on the new batch "
+          f"{d['ece_new_batch']['old_calibration']:.4f} (old calibration) -> {d['ece_new_batch']['new_calibration']:.4f}")
+    old, new = d["policy"]["old"], d["policy"]["new"]
+    print(f"  old policy on the new batch: coverage {old['coverage']:.4f}, FNR {old['fnr_conditional']:.4f}; "
+          f"new policy: coverage {new['coverage']:.4f}, " + (
+              "certified" if res["certificate"]["certified"] else res["certificate"]["reason"]))
+    print(f"  drift report: {args.out}/drift.html")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from headlab.demo import run_demo
 
@@ -360,6 +420,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", _cmd_report, "PNG plots and one self-contained HTML report")
     add_source(p)
     p.add_argument("--report-dir", metavar="DIR", help="where to write (default: <out>/report)")
+    _add_common(p)
+
+    p = add("export", _cmd_export, "package head, calibration and certified exit policy into a deployment bundle")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="new bundle directory")
+    p.add_argument("--decision-threshold", default="0.5",
+                   help="operating decision threshold on the calibrated probability, or 'mcc' for the sweep's "
+                        "MCC-optimal one (default: 0.5)")
+    _add_common(p)
+
+    p = add("predict", _cmd_predict, "raw images -> backbone -> head -> calibrator -> exit policy")
+    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", metavar="FILE", help="predictions, .jsonl or .csv")
+    p.add_argument("--backbone", metavar="SPEC", help="load the backbone from here instead of the bundle's spec")
+    p.add_argument("--weights", metavar="FILE", help="timm: local weights file")
+    p.add_argument("--natix", action="store_true", help="remap probabilities so rounding at 0.5 gives the decision")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    p.add_argument("--workers", type=int, default=0, help="decode processes (default: 0)")
+    p.add_argument("--device", default="auto", help="(default: auto)")
+    _add_common(p)
+
+    p = add("recalibrate", _cmd_recalibrate, "refit calibration and re-certify a bundle on a new labelled cache")
+    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    p.add_argument("--cache", nargs="+", required=True, metavar="CACHE", help="new labelled cache(s)")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="the new bundle")
+    p.add_argument("--method", choices=["temperature", "dirichlet", "beta", "isotonic"],
+                   help="calibration method (default: the bundle's)")
+    p.add_argument("--val-select-ratio", type=float, default=0.5, help="(default: 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     _add_common(p)
 
     p = add("demo", _cmd_demo, "build demo images from scikit-learn's digits and run the whole pipeline on them")

@@ -181,10 +181,13 @@ def run_sweep(o: Outputs, *, target: float = 0.02, definition: str = "conditiona
 
 
 def run_certify(o: Outputs, *, alpha: float = 0.02, delta: float = 0.1, definition: str = "conditional",
-                rule: str = "max-softmax", max_fdr: float = 0.05, grid_size: int = 200) -> dict[str, Any]:
-    """Grid from val_select, tested once on val_calib; writes certificate.json."""
+                rule: str = "max-softmax", max_fdr: float = 0.05, grid_size: int = 200,
+                calibrator: Calibrator | None = None, write: bool = True) -> dict[str, Any]:
+    """Grid from val_select, tested once on val_calib; writes certificate.json.
+
+    ``calibrator`` defaults to the one saved in the output directory (identity if none)."""
     _binary(o, "certify")
-    cal, _ = load_calibrator(o.out_dir, o.num_classes)
+    cal = calibrator if calibrator is not None else load_calibrator(o.out_dir, o.num_classes)[0]
     p_sel = cal.predict_proba(o.select_logits)[:, 1]
     p_cal = cal.predict_proba(o.calib_logits)[:, 1]
     t_pos = choose_t_pos(p_sel, o.select_labels, max_fdr=max_fdr) if rule == "two-sided" else None
@@ -203,8 +206,12 @@ def run_certify(o: Outputs, *, alpha: float = 0.02, delta: float = 0.1, definiti
         policy.update(es_cal.threshold_of(ltt["lam"]))
     rec = {"stage1_version": __version__, "source": o.source, "policy": policy, "ltt": ltt, "crc": crc,
            "n_select": int(len(o.select_labels)), "n_calib": int(len(o.calib_labels))}
-    os.makedirs(o.out_dir, exist_ok=True)
-    schemas.write_json(_clean(rec), os.path.join(o.out_dir, CERTIFICATE), "certificate")
+    rec = _clean(rec)
+    if write:
+        os.makedirs(o.out_dir, exist_ok=True)
+        schemas.write_json(rec, os.path.join(o.out_dir, CERTIFICATE), "certificate")
+    else:
+        schemas.validate(rec, "certificate", where="certificate")
     return rec
 
 

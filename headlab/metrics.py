@@ -7,6 +7,7 @@ scikit-learn has come from scikit-learn.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -67,8 +68,12 @@ def ece(labels: np.ndarray, probs: np.ndarray, *, n_bins: int = 15, strategy: st
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """Accuracy, balanced accuracy, MCC, AUROC, NLL, Brier, ECE/ACE at the argmax decision."""
-    labels = np.asarray(labels)
-    p = as_prob_matrix(probs)
+    with warnings.catch_warnings():  # small or one-class splits: the figures are still defined
+        warnings.simplefilter("ignore", UserWarning)
+        return _classification_metrics(np.asarray(labels), as_prob_matrix(probs))
+
+
+def _classification_metrics(labels: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     pred = p.argmax(axis=1)
     k = p.shape[1]
     out: dict[str, Any] = {

@@ -182,3 +182,37 @@ def _html(o, figs, out_dir, cal_rec, sw, cert) -> str:
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>stage1 report</title><style>{style}</style>" \
            f"</head><body>{''.join(parts)}</body></html>"
+
+
+def drift_report(out_dir: str, drift: dict[str, Any], ref_p: np.ndarray, ref_y: np.ndarray, new_p: np.ndarray,
+                 new_y: np.ndarray) -> str:
+    """drift.png + drift.html: reference vs new score distributions per class, and the drift table."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    bins = np.linspace(0, 1, 31)
+    for ax, k, name in ((axes[0], 0, "negatives"), (axes[1], 1, "positives")):
+        ax.hist(ref_p[ref_y == k], bins=bins, alpha=0.55, density=True, label="reference (bundle)")
+        ax.hist(new_p[new_y == k], bins=bins, alpha=0.55, density=True, label="new batch")
+        d = drift["per_class"][str(k)]
+        ax.set(title=f"{name}: KS {_fmt(d['ks'])}, PSI {_fmt(d['psi'])}", xlabel="P(positive), bundle's calibration")
+        ax.legend()
+    fig.tight_layout()
+    png = os.path.join(out_dir, "drift.png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    with open(png, "rb") as fh:
+        b64 = base64.b64encode(fh.read()).decode()
+    rows = []
+    for section in ("label_prior", "ece_new_batch"):
+        rows.append(f"<h2>{section.replace('_', ' ')}</h2>{_table(drift[section])}")
+    for who in ("old", "new"):
+        rows.append(f"<h2>{who} policy on the new val_calib</h2>{_table(drift['policy'][who])}")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>stage1 drift</title><style>body{font-family:"
+            "sans-serif;max-width:1100px;margin:2em auto}td{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
+            "</style></head><body><h1>Re-calibration drift report</h1>"
+            f"<p>reference rows {drift['n_reference']}, new rows {drift['n_new']}</p>"
+            f"<img src='data:image/png;base64,{b64}'>{''.join(rows)}</body></html>")
+    path = os.path.join(out_dir, "drift.html")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return path

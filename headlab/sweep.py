@@ -61,52 +61,111 @@ def exit_scores(p: np.ndarray, rule: str = "max-softmax", *, t_pos: float | None
 
 
 def _mcc(tp, fp, tn, fn):
-    tp, fp, tn, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, tn, fn))
-    den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (tp * tn - fp * fn) / np.where(den > 0, den, 1.0), 0.0)
+    den = (tp + fp).astype(np.float64)
+    den *= tp + fn
+    den *= tn + fp
+    den *= tn + fn
+    np.sqrt(den, out=den)
+    num = (tp * tn).astype(np.float64)
+    num -= fp * fn
+    return np.divide(num, den, out=np.zeros(len(den)), where=den > 0)
 
 
 def _ratio(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
+    """a / b as float64, 0 where b == 0 (no float copies of the integer inputs)."""
+    b = np.broadcast_to(b, np.shape(a))
+    return np.divide(a, b, out=np.zeros(np.shape(a)), where=b > 0)
 
 
-def sweep(es: ExitScores, labels: np.ndarray) -> dict[str, np.ndarray]:
+class SweepTable(dict):
+    """Counts per achievable exit set; rates are derived on first access and cached, so
+    picking a threshold touches only the columns it needs."""
+
+    COLUMNS = ("exits", "coverage", "tp", "fp", "tn", "fn", "fnr_conditional", "fnr_exits", "fnr_system",
+               "accuracy", "mcc")
+
+    def __init__(self, counts: dict[str, np.ndarray], *, n: int, positives: int) -> None:
+        super().__init__(counts)
+        self.n, self.positives = n, positives
+
+    def __missing__(self, key: str) -> np.ndarray:
+        tp, fp, tn, fn, ex = (dict.__getitem__(self, k) for k in ("tp", "fp", "tn", "fn", "exits"))
+        derive = {
+            "coverage": lambda: ex / self.n,
+            "fnr_conditional": lambda: _ratio(fn, fn + tp),
+            "fnr_exits": lambda: _ratio(fn, ex),
+            "fnr_system": lambda: _ratio(fn, self.positives),
+            "accuracy": lambda: _ratio(tp + tn, ex),
+            "mcc": lambda: _mcc(tp, fp, tn, fn),
+        }
+        if key not in derive:
+            raise KeyError(key)
+        self[key] = value = derive[key]()
+        return value
+
+    def full(self) -> SweepTable:
+        for k in self.COLUMNS:
+            self[k]
+        return self
+
+
+def _cumsum_at(mask: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Number of True among the first ``ends[j]`` entries of ``mask``, for every j."""
+    c = np.empty(len(mask) + 1, dtype=np.int64)
+    c[0] = 0
+    np.cumsum(mask, out=c[1:])
+    return c[ends]
+
+
+def sweep(es: ExitScores, labels: np.ndarray) -> SweepTable:
     """One row per achievable exit set, strictest first (row 0 = no swept row exits).
 
     Columns: ``lam`` (exit iff score >= lam), ``exits``, ``coverage``, ``tp fp tn fn``
     among exits, ``fnr_conditional``, ``fnr_exits``, ``fnr_system``, ``accuracy`` and
     ``mcc`` among exits. Tied scores always exit together (only achievable sets).
     """
-    y = np.asarray(labels).astype(np.int64)
+    y = np.asarray(labels)
     n = len(y)
     if n == 0:
         raise Stage1Error("cannot sweep thresholds on an empty set of rows")
-    swept = ~es.fixed & np.isfinite(es.score)
-    order = np.flatnonzero(swept)[np.argsort(-es.score[swept], kind="stable")]
-    s, d, t = es.score[order], es.decision[order], y[order]
-    cum = lambda m: np.r_[0, np.cumsum(m)]  # noqa: E731
-    ctp, cfp = cum((d == 1) & (t == 1)), cum((d == 1) & (t == 0))
-    ctn, cfn = cum((d == 0) & (t == 0)), cum((d == 0) & (t == 1))
-    ends = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1, len(s)] if len(s) else np.array([0])
-    ends = np.unique(ends)
     fx = es.fixed
-    f_pos = int(np.sum(fx & (y == 1)))
-    f_neg = int(np.sum(fx & (y == 0)))
-    if es.fixed_decision == 1:
-        tp0, fp0, tn0, fn0 = f_pos, f_neg, 0, 0
+    # Descending score order; order within ties is irrelevant (tie blocks are taken whole).
+    # Memory traffic, not arithmetic, bounds this at scale: few temporaries, in place.
+    if fx.any() or not np.isfinite(es.score).all():
+        idx = np.flatnonzero(~fx & np.isfinite(es.score))
+        order = idx[np.argsort(es.score[idx])[::-1]]
     else:
-        tp0, fp0, tn0, fn0 = 0, 0, f_neg, f_pos
-    tp, fp, tn, fn = ctp[ends] + tp0, cfp[ends] + fp0, ctn[ends] + tn0, cfn[ends] + fn0
-    exits = tp + fp + tn + fn
-    lam = np.r_[np.inf, s[ends[1:] - 1]] if len(s) else np.array([np.inf])
-    positives = int(np.sum(y == 1))
-    return {"lam": lam, "exits": exits, "coverage": exits / n, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-            "fnr_conditional": _ratio(fn, fn + tp), "fnr_exits": _ratio(fn, exits),
-            "fnr_system": _ratio(fn, np.full_like(fn, positives)), "accuracy": _ratio(tp + tn, exits),
-            "mcc": _mcc(tp, fp, tn, fn)}
+        order = np.argsort(es.score)[::-1]
+    s = es.score[order]
+    d = es.decision[order] != 0
+    t = y[order] == 1
+    # ends[j]: rows exiting at the j-th achievable set (0 = none), strictly increasing
+    ends = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1, len(s)] if len(s) else np.array([0])
+    pp = _cumsum_at(d, ends)  # predicted positive among exits
+    fn = _cumsum_at(t, ends)  # positives among exits ...
+    d &= t
+    tp = _cumsum_at(d, ends)
+    fn -= tp  # ... minus true positives
+    pp -= tp
+    fp = pp
+    tn = ends - tp
+    tn -= fp
+    tn -= fn
+    f_pos = int(np.count_nonzero(fx & (y == 1)))
+    f_neg = int(np.count_nonzero(fx & (y == 0)))
+    if f_pos or f_neg:  # rows exiting whatever the threshold (two-sided: the positive side)
+        if es.fixed_decision == 1:
+            tp += f_pos
+            fp += f_neg
+        else:
+            tn += f_neg
+            fn += f_pos
+    exits = ends + (f_pos + f_neg) if (f_pos or f_neg) else ends
+    lam = np.empty(len(ends))
+    lam[0] = np.inf
+    lam[1:] = s[ends[1:] - 1]
+    return SweepTable({"lam": lam, "exits": exits, "tp": tp, "fp": fp, "tn": tn, "fn": fn}, n=n,
+                      positives=int(np.count_nonzero(y == 1)))
 
 
 def pick_max_coverage(table: dict[str, np.ndarray], *, target: float, definition: str = "conditional") -> int | None:
@@ -153,8 +212,9 @@ def choose_t_pos(p: np.ndarray, labels: np.ndarray, *, max_fdr: float) -> float:
     return float(ps[ends[ok[-1]] - 1])
 
 
-def table_rows(table: dict[str, np.ndarray], es: ExitScores) -> list[dict[str, Any]]:
+def table_rows(table: SweepTable, es: ExitScores) -> list[dict[str, Any]]:
     """The table as JSON-ready rows, thresholds in probability units."""
+    table.full()
     rows = []
     for i in range(len(table["lam"])):
         r = {k: (float(v[i]) if v.dtype.kind == "f" else int(v[i])) for k, v in table.items() if k != "lam"}
