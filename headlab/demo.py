@@ -15,7 +15,7 @@ from cache.errors import Stage1Error
 from cache.tools import cache_info, format_info, verify_cache
 from headlab.demo_data import build_digits_dataset
 
-STEPS = 8
+STEPS = 11
 
 
 def _say(msg: str) -> None:
@@ -103,11 +103,41 @@ def run_demo(out: str = "stage1-demo", *, n_images: int = 2000, backbone: str | 
     rep = make_report(o)
     _say(f"      {rep['html']} ({len(rep['plots'])} plots)")
 
+    import shutil
+
+    from headlab.bundle import export_bundle
+    from headlab.predict import Predictor, write_predictions
+    from headlab.recalibrate import recalibrate
+
+    bundle, rebundle = os.path.join(out, "bundle"), os.path.join(out, "bundle-recalibrated")
+    for d in (bundle, rebundle):
+        if os.path.exists(d):
+            shutil.rmtree(d)
+    _say(f"[9/{STEPS}] export the deployment bundle")
+    man = export_bundle(run_dir, bundle)
+    _say(f"      {bundle}: {len(man['files'])} files, sha256 of each in manifest.json; exit policy "
+         + ("certified" if man["policy"]["certified"] else "not certified, so every image defers to stage 2"))
+    _say(f"[10/{STEPS}] predict on raw test images (backbone -> head -> calibrator -> exit policy)")
+    test_paths = [os.path.join(data, line.split(",")[0]) for line in open(csvs["test"]) if line.strip()]
+    recs = Predictor(bundle, natix=True, batch_size=64).predict(test_paths)
+    pred_path = os.path.join(out, "predictions.jsonl")
+    write_predictions(recs, pred_path)
+    ok = [r for r in recs if "error" not in r]
+    _say(f"      {len(recs)} images -> {pred_path}: {sum(r['action'] == 'exit' for r in ok)} exit, "
+         f"{sum(r['action'] == 'defer' for r in ok)} defer (probabilities NATIX-remapped)")
+    _say(f"[11/{STEPS}] re-calibrate the bundle on a fresh labelled batch (the test cache), no retraining")
+    rc = recalibrate(bundle, [caches["test"]], rebundle)
+    ks = rc["drift"]["per_class"]
+    _say(f"      {rebundle}: drift KS negatives {ks['0']['ks']:.3f}, positives {ks['1']['ks']:.3f}; "
+         f"report {rebundle}/drift.html")
+
     secs = time.perf_counter() - t0
     _say(f"\ndemo finished in {secs:.0f} s. Artifacts:\n  images + labels  {data}\n"
          + "".join(f"  cache {k:10s} {v}\n" for k, v in caches.items())
          + f"  run dir          {run_dir} (heads, logits, calibration.json, sweep.csv, certificate.json)\n"
-         + f"  report           {rep['html']}\n")
+         + f"  report           {rep['html']}\n"
+         + f"  bundle           {bundle}\n  predictions      {pred_path}\n  re-calibrated    {rebundle}\n")
     return {"out": out, "data": data, "csv": csvs, "caches": caches, "backbone": backbone,
             "extract": summaries, "run": run_dir, "train": {"chosen": res["chosen_name"]}, "test": ev,
-            "certified": ltt["certified"], "report": rep["html"], "seconds": round(secs, 1)}
+            "certified": ltt["certified"], "report": rep["html"], "bundle": bundle, "predictions": pred_path,
+            "recalibrated": rebundle, "seconds": round(secs, 1)}

@@ -112,7 +112,8 @@ def make_report(o: Outputs, *, out_dir: str | None = None) -> dict[str, Any]:
         ax.axhline(alpha, color="r", lw=1, label=f"alpha = {alpha:g}")
         if cert and cert["ltt"].get("certified"):
             ax.axvline(cert["ltt"]["coverage"], color="g", lw=1, label=f"certified coverage {cert['ltt']['coverage']:.3f}")
-        ax.set(xlabel="coverage", ylabel="FNR", title="FNR vs coverage (val_calib)", ylim=(0, min(1, max(4 * alpha, 0.1))))
+        top = min(1.0, max(4 * alpha, 1.05 * float(np.max(table[f"fnr_{definition}"]))))
+        ax.set(xlabel="coverage", ylabel="FNR", title="FNR vs coverage (val_calib)", ylim=(0, top))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         save(fig, "fnr_coverage.png", "FNR among exits against coverage, with the Clopper-Pearson upper bound "
