@@ -25,6 +25,7 @@ from cache.format import FORMAT_VERSION, SHARD_SUFFIX, fingerprint_of, short
 from cache.reader import read_shard_info
 from cache.writer import ShardWriter
 from extract.backbone import FEATURE_SETS, Backbone, load_backbone
+from extract.pipeline import auto_batch_size
 from extract.preprocess import DecodeError, Preprocessing, load_and_preprocess
 from extract.sources import InputList, Item, build_input_list
 
@@ -46,11 +47,13 @@ class ExtractConfig:
     image_size: int = 224  # network input side (multiple of 16)
     feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))  # which sets to cache
     dtype: str = "float16"  # stored feature dtype
-    batch_size: int = 64  # images per forward pass
+    batch_size: int | None = None  # images per forward pass (None: 64 on a CPU, from free memory on a GPU)
     shard_size: int = 4096  # inputs per shard file (the unit of resumption)
     workers: int = field(default_factory=_default_workers)  # decode processes (0 = in-process)
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     max_failures: str = "1%"  # undecodable inputs tolerated: a count ('10') or a share ('1%')
+    decoder: str = "auto"  # 'auto' (nvjpeg on a GPU, else pil), 'pil', 'nvjpeg'; enters the fingerprint
+    compile: str = "auto"  # torch.compile the backbone: 'auto' (on a GPU), 'on', 'off'
     progress: bool = True  # show a progress bar
 
     def validate(self) -> None:
@@ -61,8 +64,12 @@ class ExtractConfig:
             raise Stage1Error(f"--feature-sets {bad or self.feature_sets} not supported; choose from {list(FEATURE_SETS)}")
         if self.dtype not in ("float16", "float32"):
             raise Stage1Error(f"--dtype {self.dtype!r}: choose float16 or float32")
+        if self.decoder not in ("auto", "pil", "nvjpeg"):
+            raise Stage1Error(f"--decoder {self.decoder!r}: choose auto, pil or nvjpeg")
+        if self.compile not in ("auto", "on", "off"):
+            raise Stage1Error(f"--compile {self.compile!r}: choose auto, on or off")
         for k in ("batch_size", "shard_size"):
-            if int(getattr(self, k)) < 1:
+            if getattr(self, k) is not None and int(getattr(self, k)) < 1:
                 raise Stage1Error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
         failure_limit(self.max_failures, 1)
 
@@ -180,22 +187,44 @@ def _check_existing(out: str, fingerprint: str, plan_id: str, num_inputs: int, b
                 f"this run has {num_inputs}); use another --out for new inputs, or delete {out}")
 
 
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def rank_shards(num_shards: int, rank: int, world: int) -> range:
+    """The contiguous block of shard indices rank ``rank`` of ``world`` writes."""
+    per, extra = divmod(num_shards, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
+
+
 def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract features for every input; returns a summary dict.
 
-    Resumable: finished shards in ``cfg.out`` are kept and skipped. Raises
-    :class:`Stage1Error` on bad input (nothing already written is touched).
+    Resumable: finished shards in ``cfg.out`` are kept and skipped. Under ``torchrun``
+    each rank writes only its own contiguous block of shards (no sample padded or
+    duplicated). Raises :class:`Stage1Error` on bad input (nothing already written is
+    touched).
     """
     from headlab import __version__
 
     cfg.validate()
-    recipe = Preprocessing.from_preset(cfg.preprocess, image_size=cfg.image_size)
+    rank, world, local_rank = dist_info()
     inputs: InputList = build_input_list(cfg.images, cfg.labels)
     plan_id = inputs.plan_id
     n = len(inputs.items)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise Stage1Error(f"{cfg.out}: --out must be a directory (it is a file)")
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", local_rank)
+    decoder = cfg.decoder if cfg.decoder != "auto" else ("nvjpeg" if device.type == "cuda" else "pil")
+    if decoder == "nvjpeg" and device.type != "cuda":
+        raise Stage1Error("--decoder nvjpeg needs a CUDA device; use --decoder pil on a CPU")
+    recipe = dataclasses.replace(Preprocessing.from_preset(cfg.preprocess, image_size=cfg.image_size),
+                                 decoder=decoder)
     backbone = load_backbone(cfg.backbone, weights=cfg.weights)
     provenance = build_provenance(backbone, recipe, cfg)
     fingerprint = fingerprint_of(provenance)
@@ -203,6 +232,7 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     os.makedirs(cfg.out, exist_ok=True)
 
     ranges = shard_ranges(n, cfg.shard_size)
+    mine = rank_shards(len(ranges), rank, world)
     done, pending = [], []
     for k, (a, b) in enumerate(ranges):
         path = os.path.join(cfg.out, shard_name(k))
@@ -216,74 +246,138 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
                                   f"--shard-size {cfg.shard_size} puts {a}..{b - 1} there; re-run with the "
                                   "--shard-size the cache was started with")
             done.append(k)
-        else:
+        elif k in mine:
             pending.append(k)
-    schemas.write_json({"stage1_version": __version__, "command": "extract", "config": cfg.to_dict(),
-                        "fingerprint": fingerprint, "plan_id": plan_id, "num_inputs": n,
-                        "num_shards": len(ranges), "provenance": provenance},
-                       os.path.join(cfg.out, CONFIG_NAME), "extract_config")
+    if rank == 0:
+        schemas.write_json({"stage1_version": __version__, "command": "extract", "config": cfg.to_dict(),
+                            "fingerprint": fingerprint, "plan_id": plan_id, "num_inputs": n,
+                            "num_shards": len(ranges), "provenance": provenance},
+                           os.path.join(cfg.out, CONFIG_NAME), "extract_config")
 
+    model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backbone = backbone.to(device=device, dtype=model_dtype)
+    batch_size = cfg.batch_size or (auto_batch_size(backbone, recipe.output_size, device, model_dtype)
+                                    if device.type == "cuda" else 64)
+    forward = backbone
+    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    if compile_on:
+        forward = torch.compile(backbone, dynamic=False)
     batches, batch_shard = [], []
     for k in pending:
         a, b = ranges[k]
-        for s in range(a, b, cfg.batch_size):
-            batches.append(list(range(s, min(s + cfg.batch_size, b))))
+        for s0 in range(a, b, batch_size):
+            batches.append(list(range(s0, min(s0 + batch_size, b))))
             batch_shard.append(k)
     n_pending = sum(ranges[k][1] - ranges[k][0] for k in pending)
 
-    backbone = backbone.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset(inputs.items, recipe), batch_sampler=batches, num_workers=cfg.workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
-        persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+    if decoder == "nvjpeg":
+        from extract.pipeline import gpu_batches
+
+        source = gpu_batches(inputs.items, batches, recipe, device, threads=max(4, cfg.workers * 2))
+    else:
+        source = iter(torch.utils.data.DataLoader(
+            _ImageDataset(inputs.items, recipe), batch_sampler=batches, num_workers=cfg.workers,
+            collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+            persistent_workers=False, prefetch_factor=4 if cfg.workers else None))
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
+    from extract.pipeline import AsyncWriter
+
+    store = np.dtype(cfg.dtype)
+    torch_store = torch.float16 if cfg.dtype == "float16" else torch.float32
+    state: dict[str, Any] = {"writer": None}
     reasons: collections.Counter[str] = collections.Counter()
     rows_written = failures_new = 0
-    writer: ShardWriter | None = None
     current = -1
-    bar = tqdm(total=n_pending, unit="img", desc="extract", disable=not cfg.progress or n_pending == 0,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(total=n_pending, unit="img", desc="extract" if world == 1 else f"extract rank {rank}",
+               disable=not cfg.progress or n_pending == 0, dynamic_ncols=True, smoothing=0.1)
+    io = AsyncWriter() if device.type == "cuda" else None
+    submit = io.submit if io is not None else (lambda fn, *a: fn(*a))
+
+    def open_shard(k: int) -> None:
+        a, b = ranges[k]
+        state["writer"] = ShardWriter(os.path.join(cfg.out, shard_name(k)),
+                                      feature_dims={s: backbone.embed_dim for s in cfg.feature_sets},
+                                      provenance=provenance, fingerprint=fingerprint,
+                                      plan={"plan_id": plan_id, "input_start": a, "input_stop": b, "num_inputs": n},
+                                      classes=inputs.classes, feature_dtype=cfg.dtype)
+
+    def finish_shard() -> None:
+        state["writer"].finish()
+        state["writer"] = None
+
+    def add_failures(failed) -> None:
+        for i, reason in failed:
+            state["writer"].add_failure(i, inputs.items[i].path, reason)
+
+    def add_rows(idx, shas, host: dict[str, torch.Tensor], event) -> None:
+        if event is not None:
+            event.synchronize()
+        items = [inputs.items[i] for i in idx]
+        state["writer"].add_rows(
+            features={s: host[s].numpy().astype(store, copy=False) for s in cfg.feature_sets},
+            labels=[it.label for it in items], paths=[it.path for it in items], sha256=shas,
+            source=[it.source for it in items], group=[it.group or h for it, h in zip(items, shas, strict=True)],
+            index=idx)
+
+    t0 = time.perf_counter()
+    t_first = None
     try:
-        for (idx, x, shas, failed), k in zip(loader, batch_shard, strict=True):
+        for (idx, x, shas, failed), k in zip(source, batch_shard, strict=True):
             if k != current:
-                if writer is not None:
-                    writer.finish()
-                a, b = ranges[k]
-                writer = ShardWriter(os.path.join(cfg.out, shard_name(k)),
-                                     feature_dims={s: backbone.embed_dim for s in cfg.feature_sets},
-                                     provenance=provenance, fingerprint=fingerprint,
-                                     plan={"plan_id": plan_id, "input_start": a, "input_stop": b, "num_inputs": n},
-                                     classes=inputs.classes, feature_dtype=cfg.dtype)
+                if current >= 0:
+                    submit(finish_shard)
+                submit(open_shard, k)
                 current = k
-            for i, reason in failed:
-                writer.add_failure(i, inputs.items[i].path, reason)
-                reasons[reason.split(":")[0]] += 1
-            failures_new += len(failed)
+            if failed:
+                submit(add_failures, failed)
+                for _, reason in failed:
+                    reasons[reason.split(":")[0]] += 1
+                failures_new += len(failed)
             if idx:
-                with torch.inference_mode(), autocast:
-                    feats = backbone(x.to(device, non_blocking=True))
-                items = [inputs.items[i] for i in idx]
-                writer.add_rows(
-                    features={s: feats[s].float().cpu().numpy() for s in cfg.feature_sets},
-                    labels=[it.label for it in items], paths=[it.path for it in items], sha256=shas,
-                    source=[it.source for it in items], group=[it.group or h for it, h in zip(items, shas, strict=True)],
-                    index=idx)
-                rows_written += len(idx)
+                m = len(idx)
+                x = x.to(device, non_blocking=True)
+                if compile_on and m < batch_size:  # static shapes: pad the last batch
+                    x = torch.cat([x, x.new_zeros((batch_size - m, *x.shape[1:]))])
+                with torch.inference_mode():
+                    feats = forward(x.to(model_dtype))
+                if device.type == "cuda":
+                    host = {s: torch.empty((m, backbone.embed_dim), dtype=torch_store, pin_memory=True)
+                            for s in cfg.feature_sets}
+                    for s in cfg.feature_sets:
+                        host[s].copy_(feats[s][:m].to(torch_store), non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                else:
+                    host = {s: feats[s][:m].float() for s in cfg.feature_sets}
+                    event = None
+                submit(add_rows, idx, shas, host, event)
+                rows_written += m
+            if t_first is None:
+                t_first = time.perf_counter()
             bar.update(len(idx) + len(failed))
-        if writer is not None:
-            writer.finish()
-            writer = None
+        if current >= 0:
+            submit(finish_shard)
+        if io is not None:
+            io.close()
+            io = None
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        if io is not None:
+            try:
+                io.close()
+            except BaseException:
+                pass
+        if state["writer"] is not None:
+            state["writer"].abort()
         raise
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    steady = time.perf_counter() - t_first if t_first is not None else 0.0
+    first_batch = len(batches[0]) if batches else 0
 
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     failures_old = 0
     for k in done:
         import h5py
@@ -297,5 +391,7 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
         "shards_skipped": len(done), "rows_written": rows_written, "failures": total_failures,
         "failure_reasons": dict(reasons), "max_failures": limit, "failures_exceeded": total_failures > limit,
         "seconds": round(seconds, 3), "images_per_s": round(n_pending / seconds, 1) if seconds > 0 and n_pending else None,
+        "steady_images_per_s": round((n_pending - first_batch) / steady, 1) if steady > 0 else None,
+        "batch_size": batch_size, "decoder": decoder, "compiled": compile_on, "rank": rank, "world_size": world,
         "device": str(device), "fingerprint": fingerprint, "backbone": cfg.backbone,
     }

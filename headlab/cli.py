@@ -32,6 +32,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                         weights=args.weights, preprocess=args.preprocess, image_size=args.image_size,
                         feature_sets=args.feature_sets, dtype=args.dtype, batch_size=args.batch_size,
                         shard_size=args.shard_size, device=args.device, max_failures=str(args.max_failures),
+                        decoder=args.decoder, compile=args.compile,
                         progress=not args.quiet, **({"workers": args.workers} if args.workers is not None else {}))
     summary = run_extract(cfg)
     if args.json:
@@ -319,7 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output and run")
     g.add_argument("--out", metavar="DIR", help="cache directory (shard-NNNNN.h5 + extract.json)")
     g.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype (default: float16)")
-    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: 64 on a CPU, sized from free memory on a GPU)")
+    g.add_argument("--decoder", choices=["auto", "pil", "nvjpeg"], default="auto",
+                   help="JPEG decoding: nvjpeg = batched on the GPU, pil = CPU workers (default: auto, nvjpeg on a GPU)")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the backbone with a static batch shape (default: auto, on a GPU)")
     g.add_argument("--shard-size", type=int, default=4096, help="inputs per shard, the unit of resumption (default: 4096)")
     g.add_argument("--workers", type=int, default=None, help="decode processes (default: min(8, CPUs))")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")

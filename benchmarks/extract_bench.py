@@ -1,0 +1,225 @@
+"""`extract` throughput on a GPU box, measured in one run.
+
+Builds a realistic JPEG set (default 20,000 files, 1280x720, photo-like content, q90),
+random-init DINOv3 ViT-B/16 and ViT-L/16 (real architectures, transformers), and
+measures images/s of
+  (a) the baseline a competent user writes: PIL decode + torchvision transforms in a
+      DataLoader with all CPU workers, transformers model in eager bf16 autocast;
+  (b) `stage1 extract` end to end, files to finished cache (nvJPEG + compiled bf16);
+  (c) the model alone, compiled bf16, on ready tensors (the ceiling);
+plus the decode+preprocess stage alone. Prints (b)/(a) and (b)/(c) and writes JSON.
+
+Usage: python benchmarks/extract_bench.py [--n 20000] [--models vitb16 vitl16] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import machine  # noqa: E402
+
+MODELS = {"vits16": (384, 12, 6, 1536), "vitb16": (768, 12, 12, 3072), "vitl16": (1024, 24, 16, 4096)}
+
+
+def _make(args):
+    """One 1280x720 photo-like JPEG (q90): gradient sky, noisy texture, a few shapes."""
+    i, root, seed = args
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed + i)
+    w, h = 1280, 720
+    t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+    top, bottom = rng.uniform(60, 230, 3), rng.uniform(20, 160, 3)
+    global _NOISE
+    if "_NOISE" not in globals():  # one texture bank per worker process, cropped per image
+        _NOISE = np.random.default_rng(seed).normal(0, 9, (h + 64, w + 64, 1)).astype(np.float32)
+    oy, ox = rng.integers(0, 64, 2)
+    img = _NOISE[oy:oy + h, ox:ox + w] + (top * (1 - t) + bottom * t).astype(np.float32)
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(im)
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = int(rng.integers(0, w - 100)), int(rng.integers(0, h - 100))
+        x1, y1 = x0 + int(rng.integers(40, 400)), y0 + int(rng.integers(40, 300))
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    label = int(rng.random() < 0.4)
+    if label:  # an orange cone
+        cx, cy = int(rng.integers(100, w - 100)), int(rng.integers(200, h - 20))
+        draw.polygon([(cx, cy - 150), (cx - 60, cy), (cx + 60, cy)], fill=(255, 120, 0))
+    name = f"img{i:06d}.jpg"
+    im.save(os.path.join(root, name), quality=90)
+    return name, label
+
+
+def build_images(root: str, n: int) -> str:
+    os.makedirs(root, exist_ok=True)
+    csv = os.path.join(root, "labels.csv")
+    if os.path.exists(csv) and sum(1 for _ in open(csv)) == n:
+        return csv
+    with Pool(os.cpu_count()) as pool:
+        rows = pool.map(_make, [(i, root, 0) for i in range(n)], chunksize=64)
+    with open(csv, "w") as fh:
+        fh.writelines(f"{a},{b}\n" for a, b in rows)
+    return csv
+
+
+def save_model(name: str, root: str) -> str:
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    d = os.path.join(root, f"dinov3-{name}-random")
+    if not os.path.exists(os.path.join(d, "config.json")):
+        h, layers, heads, inter = MODELS[name]
+        torch.manual_seed(0)
+        cfg = DINOv3ViTConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                              intermediate_size=inter, num_register_tokens=4, patch_size=16, image_size=224)
+        DINOv3ViTModel(cfg).save_pretrained(d)
+    return d
+
+
+def ceiling(model_dir: str, batch: int, iters: int = 30) -> float:
+    """Compiled bf16 model alone on ready tensors: images/s."""
+    from extract.backbone import load_backbone
+
+    bb = load_backbone(f"hf:{model_dir}").to("cuda", torch.bfloat16)
+    f = torch.compile(bb, dynamic=False)
+    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for _ in range(3):
+            f(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            f(x)
+        torch.cuda.synchronize()
+    return batch * iters / (time.perf_counter() - t0)
+
+
+def baseline(root: str, csv: str, model_dir: str, n: int, batch: int = 256) -> float:
+    """PIL + torchvision transforms in a DataLoader with every CPU worker; eager bf16 autocast."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from transformers import AutoModel
+
+    files = [line.split(",")[0] for line in open(csv)][:n]
+    tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            return tf(Image.open(os.path.join(root, files[i])).convert("RGB"))
+
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True).cuda().eval()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):  # warm the model first
+        model(pixel_values=torch.randn(batch, 3, 224, 224, device="cuda"))
+    torch.cuda.synchronize()
+    dl = torch.utils.data.DataLoader(DS(), batch_size=batch, num_workers=os.cpu_count(), pin_memory=True)
+    out = []
+    # Timed from the loader's start: workers must not prefetch while the clock is stopped.
+    t0 = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for x in dl:
+            out.append(model(pixel_values=x.cuda(non_blocking=True)).last_hidden_state[:, 0].float().cpu())
+    return len(files) / (time.perf_counter() - t0)
+
+
+def decode_only(root: str, csv: str, n: int, batch: int = 256) -> float:
+    from extract.pipeline import gpu_batches
+    from extract.preprocess import Preprocessing
+    from extract.sources import Item
+
+    files = [line.split(",")[0] for line in open(csv)][:n]
+    items = [Item(os.path.join(root, f), f, 0, "s", "") for f in files]
+    batches = [list(range(s, min(s + batch, n))) for s in range(0, n, batch)]
+    t0, seen = None, 0
+    for k, (idx, _x, _, _) in enumerate(gpu_batches(items, batches, Preprocessing(), torch.device("cuda"),
+                                                   threads=os.cpu_count())):
+        if k == 1:
+            torch.cuda.synchronize()
+            t0, seen = time.perf_counter(), 0
+        seen += len(idx)
+    torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
+def nvjpeg_alone(root: str, csv: str, n: int = 4096, batch: int = 256) -> float:
+    """torchvision's batched nvJPEG decode alone, on bytes already in memory: images/s."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    files = [line.split(",")[0] for line in open(csv)][:n]
+    data = [torch.frombuffer(bytearray(open(os.path.join(root, f), "rb").read()), dtype=torch.uint8) for f in files]
+    decode_jpeg(data[:batch], mode=ImageReadMode.RGB, device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s in range(0, n, batch):
+        decode_jpeg(data[s:s + batch], mode=ImageReadMode.RGB, device="cuda")
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--baseline-n", type=int, default=8000)
+    ap.add_argument("--models", nargs="+", default=["vitb16", "vitl16"])
+    ap.add_argument("--work", default="/tmp/stage1-extract-bench")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args()
+    from extract.run import ExtractConfig, run_extract
+
+    t = time.perf_counter()
+    root = os.path.join(args.work, "images")
+    csv = build_images(root, args.n)
+    print(f"images: {args.n} x 1280x720 JPEG in {time.perf_counter() - t:.0f} s", flush=True)
+    res = {"machine": machine(), "n": args.n, "models": {}}
+    res["nvjpeg_decode_alone_img_s"] = nvjpeg_alone(root, csv)
+    print(f"torchvision nvJPEG batched decode alone (bytes in memory): {res['nvjpeg_decode_alone_img_s']:.0f} img/s",
+          flush=True)
+    decode_only(root, csv, min(args.n, 4096))  # warm the page cache and nvJPEG
+    dec = decode_only(root, csv, args.n)
+    res["decode_preprocess_only_img_s"] = dec
+    print(f"nvJPEG decode + preprocess alone: {dec:.0f} img/s", flush=True)
+    for name in args.models:
+        md = save_model(name, args.work)
+        r: dict = {}
+        out = os.path.join(args.work, f"cache-{name}-{int(time.time())}")
+        t = time.perf_counter()
+        s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
+                                      workers=os.cpu_count(), shard_size=8192))
+        r["ours_wall_s"] = time.perf_counter() - t
+        r["ours"] = s
+        r["ours_img_s"] = s["steady_images_per_s"]
+        print(f"[{name}] stage1 extract: {s['steady_images_per_s']:.0f} img/s steady ({s['images_per_s']:.0f} incl. "
+              f"compile; batch {s['batch_size']}, {r['ours_wall_s']:.0f} s wall)", flush=True)
+        r["ceiling_img_s"] = ceiling(md, s["batch_size"])
+        print(f"[{name}] model alone, compiled bf16: {r['ceiling_img_s']:.0f} img/s", flush=True)
+        if not args.skip_baseline:
+            r["baseline_img_s"] = baseline(root, csv, md, args.baseline_n)
+            print(f"[{name}] baseline (PIL DataLoader x{os.cpu_count()}, eager bf16): {r['baseline_img_s']:.0f} img/s",
+                  flush=True)
+            r["ours_over_baseline"] = r["ours_img_s"] / r["baseline_img_s"]
+        r["ours_over_ceiling"] = r["ours_img_s"] / r["ceiling_img_s"]
+        print(f"[{name}] (b)/(a) = {r.get('ours_over_baseline', float('nan')):.2f}   "
+              f"(b)/(c) = {r['ours_over_ceiling']:.2f}", flush=True)
+        res["models"][name] = r
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "extract_bench.json")
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=2, default=str)
+    print("results:", path)
+
+
+if __name__ == "__main__":
+    main()

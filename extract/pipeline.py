@@ -1,0 +1,189 @@
+"""The GPU extraction pipeline: read -> decode -> preprocess -> model -> write, overlapped.
+
+* file reads and sha256 in a thread pool (I/O and hashing release the GIL);
+* batched nvJPEG decode + resize/crop/normalise on the GPU in a producer thread on its
+  own CUDA stream, a few batches ahead (:mod:`extract.batch_decode`); odd files are
+  decoded per image on the CPU in the same pool, never stopping the batch;
+* the model in bf16, optionally ``torch.compile``d, on a static batch shape (the last
+  batch is padded);
+* features copied to pinned host memory without blocking and written to HDF5 by a
+  writer thread, so the GPU never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from extract.batch_decode import BatchPreprocessor, needs_cpu
+from extract.preprocess import DecodeError, Preprocessing, decode_image
+from extract.sources import Item
+
+_DONE = object()  # AsyncWriter's stop marker
+
+
+def _read(item: Item) -> tuple[bytearray | None, str, str | None, bool]:
+    """(bytes, sha256, failure reason, needs the CPU decoder) -- all the per-file CPU work,
+    done in the reader pool so the decode thread only launches GPU work."""
+    try:
+        with open(item.file, "rb") as fh:
+            data = bytearray(os.fstat(fh.fileno()).st_size)
+            got = fh.readinto(data)
+            del data[got:]
+    except FileNotFoundError:
+        return None, "", "file not found", False
+    except OSError as e:
+        return None, "", f"cannot read: {e.strerror}", False
+    if not data:
+        return None, "", "empty file", False
+    return data, hashlib.sha256(data).hexdigest(), None, needs_cpu(bytes(data[:65536]))
+
+
+def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | None, str | None]:
+    try:
+        return tf(decode_image(data, exif_transpose=recipe.exif_transpose)), None
+    except DecodeError as e:
+        return None, str(e)
+
+
+def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Preprocessing, device: torch.device,
+                *, threads: int = 16, decoders: int = 4, prefetch: int = 6
+                ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
+    """Yield ``(indices, x on device, sha256s, failures)`` per batch, in order.
+
+    ``decoders`` threads prepare batches concurrently (each on its own CUDA stream), up to
+    ``prefetch`` batches ahead of the consumer; reads and hashing run in a pool of
+    ``threads``.
+    """
+    bp = BatchPreprocessor(recipe, device)
+    tf = recipe.transform()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage1-read")
+    dec = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="stage1-decode")
+    local = threading.local()
+    reads: dict[int, list] = {}
+
+    def submit_reads(bi: int) -> None:
+        if bi < len(batches):
+            reads[bi] = [pool.submit(_read, items[i]) for i in batches[bi]]
+
+    def prepare(bi: int):
+        b = batches[bi]
+        got = [f.result() for f in reads.pop(bi)]
+        failed = [(i, r[2]) for i, r in zip(b, got, strict=True) if r[2] is not None]
+        ok = [(i, r) for i, r in zip(b, got, strict=True) if r[2] is None]
+        if device.type == "cuda" and not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device)
+        stream = getattr(local, "stream", None)
+        with torch.cuda.stream(stream) if stream is not None else _null():
+            imgs, cpu_pos = bp.decode([r[0] for _, r in ok], cpu=[r[3] for _, r in ok])
+            cpu_jobs = {p: pool.submit(_cpu_decode, bytes(ok[p][1][0]), recipe, tf) for p in cpu_pos}
+            gpu_pos = [p for p in range(len(ok)) if p not in cpu_jobs]
+            x = bp.transform([imgs[p] for p in gpu_pos]) if gpu_pos else None
+            parts = {}
+            for p, job in cpu_jobs.items():
+                t, reason = job.result()
+                if t is None:
+                    failed.append((ok[p][0], reason))
+                else:
+                    parts[p] = t
+            order = sorted(gpu_pos + list(parts))
+            if parts:
+                full = torch.empty((len(order), 3, recipe.output_size, recipe.output_size), device=device)
+                pos = {p: k for k, p in enumerate(order)}
+                if gpu_pos:
+                    full[[pos[p] for p in gpu_pos]] = x
+                full[[pos[p] for p in parts]] = torch.stack([parts[p] for p in parts]).to(device)
+                x = full
+            event = None
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+        return [ok[p][0] for p in order], x, [ok[p][1][1] for p in order], sorted(failed), event
+
+    jobs: dict[int, Any] = {}
+    try:
+        for bi in range(min(prefetch + 2, len(batches))):
+            submit_reads(bi)
+        for bi in range(min(prefetch, len(batches))):
+            jobs[bi] = dec.submit(prepare, bi)
+        for bi in range(len(batches)):
+            idx, x, shas, failed, event = jobs.pop(bi).result()
+            nxt = bi + prefetch
+            submit_reads(nxt + 2)
+            if nxt < len(batches):
+                jobs[nxt] = dec.submit(prepare, nxt)
+            if event is not None:
+                torch.cuda.current_stream(device).wait_event(event)
+                if x is not None:
+                    x.record_stream(torch.cuda.current_stream(device))
+            yield idx, x, shas, failed
+    finally:
+        for j in jobs.values():
+            j.cancel()
+        dec.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+class AsyncWriter:
+    """Runs shard writes on a thread: ``submit(fn, *args)`` in order; errors re-raised."""
+
+    def __init__(self, depth: int = 8) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.th = threading.Thread(target=self._run, name="stage1-write", daemon=True)
+        self.th.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is _DONE:
+                return
+            if self.error is not None:
+                continue
+            fn, args = job
+            try:
+                fn(*args)
+            except BaseException as e:
+                self.error = e
+
+    def submit(self, fn, *args: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((fn, args))
+
+    def close(self) -> None:
+        self.q.put(_DONE)
+        self.th.join()
+        if self.error is not None:
+            raise self.error
+
+
+def auto_batch_size(backbone: torch.nn.Module, image_size: int, device: torch.device, dtype: torch.dtype,
+                    *, cap: int = 1024, share: float = 0.6) -> int:
+    """Largest batch (multiple of 32, <= cap) whose activations fit ``share`` of free memory,
+    from the peak memory of a probe forward pass of 8 images."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        backbone(torch.zeros(8, 3, image_size, image_size, device=device, dtype=dtype))
+    torch.cuda.synchronize(device)
+    per_image = max((torch.cuda.max_memory_allocated(device) - base) / 8, 1)
+    free, _ = torch.cuda.mem_get_info(device)
+    n = int(share * free / per_image)
+    return max(32, min(cap, n // 32 * 32))
