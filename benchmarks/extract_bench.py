@@ -200,9 +200,9 @@ def main() -> None:
                                       workers=os.cpu_count(), shard_size=8192))
         r["ours_wall_s"] = time.perf_counter() - t
         r["ours"] = s
-        r["ours_img_s"] = s["steady_images_per_s"]
-        print(f"[{name}] stage1 extract: {s['steady_images_per_s']:.0f} img/s steady ({s['images_per_s']:.0f} incl. "
-              f"compile; batch {s['batch_size']}, {r['ours_wall_s']:.0f} s wall)", flush=True)
+        r["ours_img_s"] = s["images_per_s"]  # files to finished cache, timed after the model is compiled
+        print(f"[{name}] stage1 extract: {s['images_per_s']:.0f} img/s files to cache (after a "
+              f"{s['compile_seconds']:.0f} s compile; batch {s['batch_size']}, {r['ours_wall_s']:.0f} s wall)", flush=True)
         r["ceiling_img_s"] = ceiling(md, s["batch_size"])
         print(f"[{name}] model alone, compiled bf16: {r['ceiling_img_s']:.0f} img/s", flush=True)
         if not args.skip_baseline:

@@ -43,7 +43,7 @@ def _read(item: Item) -> tuple[bytearray | None, str, str | None, bool]:
         return None, "", f"cannot read: {e.strerror}", False
     if not data:
         return None, "", "empty file", False
-    return data, hashlib.sha256(data).hexdigest(), None, needs_cpu(bytes(data[:65536]))
+    return data, hashlib.sha256(data).hexdigest(), None, needs_cpu(data)
 
 
 def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | None, str | None]:
