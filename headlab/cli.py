@@ -20,14 +20,19 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _require(args: argparse.Namespace, command: str, *dests: str) -> None:
+    """Options that may come from the command line or --config, but must come from one."""
+    missing = [f"--{d.replace('_', '-')}" for d in dests if not getattr(args, d)]
+    if missing:
+        raise Stage1Error(f"{command} needs {', '.join(missing)} (as flags or keys in --config)")
+
+
 # ---------------------------------------------------------------------------------------
 # handlers
 def _cmd_extract(args: argparse.Namespace) -> int:
     from extract.run import ExtractConfig, run_extract
 
-    if not args.images or not args.out or not args.backbone:
-        missing = [f for f, v in (("--images", args.images), ("--out", args.out), ("--backbone", args.backbone)) if not v]
-        raise Stage1Error(f"extract needs {', '.join(missing)} (as flags or keys in --config)")
+    _require(args, "extract", "images", "out", "backbone")
     cfg = ExtractConfig(images=args.images, labels=args.labels or [], backbone=args.backbone, out=args.out,
                         weights=args.weights, preprocess=args.preprocess, image_size=args.image_size,
                         feature_sets=args.feature_sets, dtype=args.dtype, batch_size=args.batch_size,
@@ -97,9 +102,7 @@ def _cmd_cache_merge(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from headlab.train import TrainConfig, format_results, run_train
 
-    if not args.train or not args.val or not args.out:
-        missing = [f for f, v in (("--train", args.train), ("--val", args.val), ("--out", args.out)) if not v]
-        raise Stage1Error(f"train needs {', '.join(missing)} (as flags or keys in --config)")
+    _require(args, "train", "train", "val", "out")
     keys = ("features", "head", "lr", "weight_decay", "dropout", "hidden", "epochs", "batch_size", "warmup_epochs",
             "label_smoothing", "class_weights", "ema_decay", "grad_clip", "patience", "select_metric",
             "val_select_ratio", "seed", "knn_k", "knn_temperature", "max_memory", "device")

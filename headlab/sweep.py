@@ -179,37 +179,35 @@ def pick_max_coverage(table: dict[str, np.ndarray], *, target: float, definition
     return int(cand[np.argmax(table["exits"][cand])])
 
 
-def decision_sweep(p: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """The decision threshold (predict positive iff ``p >= tau``) that maximises MCC over all rows."""
+def _blocks_by_probability(p: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct probabilities, highest first: (threshold, rows with p >= it, positives and
+    negatives among those rows) -- every achievable 'positive iff p >= t' decision."""
     p = np.asarray(p, dtype=np.float64)
-    y = np.asarray(labels).astype(np.int64)
+    y = np.asarray(labels)
     order = np.argsort(-p, kind="stable")
     ps, ys = p[order], y[order]
     ends = np.r_[np.flatnonzero(ps[1:] != ps[:-1]) + 1, len(ps)]
-    tp = np.cumsum(ys == 1)[ends - 1]
-    fp = np.cumsum(ys == 0)[ends - 1]
-    P, N = int(np.sum(y == 1)), int(np.sum(y == 0))
+    return ps[ends - 1], ends, np.cumsum(ys == 1)[ends - 1], np.cumsum(ys != 1)[ends - 1]
+
+
+def decision_sweep(p: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The decision threshold (predict positive iff ``p >= tau``) that maximises MCC over all rows."""
+    taus, _, tp, fp = _blocks_by_probability(p, labels)
+    y = np.asarray(labels)
+    P, N = int(np.sum(y == 1)), int(np.sum(y != 1))
     mcc = _mcc(tp, fp, N - fp, P - tp)
     acc = (tp + (N - fp)) / len(y)
     i = int(np.argmax(mcc))
-    return {"tau": float(ps[ends[i] - 1]), "mcc": float(mcc[i]), "accuracy": float(acc[i]),
-            "taus": ps[ends - 1], "mccs": mcc, "accuracies": acc}
+    return {"tau": float(taus[i]), "mcc": float(mcc[i]), "accuracy": float(acc[i]),
+            "taus": taus, "mccs": mcc, "accuracies": acc}
 
 
 def choose_t_pos(p: np.ndarray, labels: np.ndarray, *, max_fdr: float) -> float:
     """Smallest ``t_pos`` whose positive exits have a false-discovery rate <= ``max_fdr``
-    (most positive exits); 1.0 + tiny (no positive exits) when none qualifies."""
-    p = np.asarray(p, dtype=np.float64)
-    y = np.asarray(labels).astype(np.int64)
-    order = np.argsort(-p, kind="stable")
-    ps, ys = p[order], y[order]
-    ends = np.r_[np.flatnonzero(ps[1:] != ps[:-1]) + 1, len(ps)]
-    fp = np.cumsum(ys == 0)[ends - 1]
-    fdr = fp / ends
-    ok = np.flatnonzero(fdr <= max_fdr)
-    if len(ok) == 0:
-        return float(np.nextafter(1.0, 2.0))
-    return float(ps[ends[ok[-1]] - 1])
+    (most positive exits); just above 1 (no positive exits) when none qualifies."""
+    taus, rows, _, fp = _blocks_by_probability(p, labels)
+    ok = np.flatnonzero(fp / rows <= max_fdr)
+    return float(taus[ok[-1]]) if len(ok) else float(np.nextafter(1.0, 2.0))
 
 
 def table_rows(table: SweepTable, es: ExitScores) -> list[dict[str, Any]]:
