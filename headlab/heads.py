@@ -85,6 +85,7 @@ class HeadGrid(nn.Module):
         self.groups = list(groups.items())
         # Dropout's random bits on a CPU (seeded from torch's RNG: torch.manual_seed governs it).
         self._rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        self._drop_consts: dict[tuple, tuple] = {}
 
     def feature_range(self, features: str) -> tuple[int, int]:
         parts = features.split("+")
@@ -103,20 +104,25 @@ class HeadGrid(nn.Module):
         On a CPU the keep-mask comes from 16 random bits per unit drawn by numpy's PCG64
         (several times faster than torch's CPU ``uniform_``, which otherwise dominates a
         head's step); rates are exact to 1/65536. On a GPU, torch's own RNG is used.
+        The per-column thresholds and multipliers are built once per group.
         """
         if all(p == 0 for p in rates):
             return hid
-        keep = torch.tensor([1.0 - p for p in rates], dtype=torch.float64).repeat_interleave(hidden)
+        key = (tuple(rates), hidden, hid.device, hid.dtype)
+        if key not in self._drop_consts:
+            keep = np.repeat(1.0 - np.asarray(rates, dtype=np.float64), hidden)
+            thresh = np.round(keep * 65536.0).astype(np.uint32)
+            inv = 1.0 / (thresh / 65536.0 if hid.device.type == "cpu" else keep)
+            self._drop_consts[key] = (thresh, torch.as_tensor(keep, dtype=hid.dtype, device=hid.device),
+                                      torch.as_tensor(inv, dtype=hid.dtype, device=hid.device))
+        thresh, keep, inv = self._drop_consts[key]
         if hid.device.type == "cpu":
             bits = np.frombuffer(self._rng.bytes(2 * hid.numel()), dtype=np.uint16).reshape(hid.shape)
-            thresh = np.round(keep.numpy() * 65536.0).astype(np.uint32)
             mask = torch.from_numpy(bits < thresh)
-            keep = torch.from_numpy(thresh / 65536.0)
         else:
-            mask = torch.rand_like(hid) < keep.to(hid.device, hid.dtype)
-        if len(set(rates)) == 1:
-            return hid * mask * float(1.0 / keep[0])
-        return hid * mask * (1.0 / keep).to(hid.device, hid.dtype)
+            mask = torch.rand_like(hid) < keep
+        # One float multiplier (0 or 1/keep) so forward and backward are a single multiply each.
+        return hid * mask.to(hid.dtype).mul_(inv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty((len(self.heads), x.shape[0], self.num_classes))

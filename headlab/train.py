@@ -107,15 +107,18 @@ class TrainConfig:
 @torch.no_grad()
 def clip_per_head(grid: HeadGrid, max_norm: float) -> None:
     """Clip each head's gradient to ``max_norm`` (L2 over that head's parameters), as
-    ``clip_grad_norm_`` would per head, with two multi-tensor calls for the whole grid."""
-    grads = [p.grad for h in grid.heads for p in h.parameters() if p.grad is not None]
-    if not grads:
+    ``clip_grad_norm_`` would per head, with a few multi-tensor calls for the whole grid."""
+    if not hasattr(grid, "_clip_index"):
+        params = [p for h in grid.heads for p in h.parameters()]
+        owner = [g for g, h in enumerate(grid.heads) for _ in h.parameters()]
+        grid._clip_params, grid._clip_index = params, torch.tensor(owner, device=params[0].device)
+    grads = [p.grad for p in grid._clip_params]
+    if any(g is None for g in grads):
         return
-    sizes = [sum(1 for p in h.parameters() if p.grad is not None) for h in grid.heads]
-    sq = torch.stack(torch._foreach_norm(grads)) ** 2
-    per_head = torch.stack([s.sum() for s in torch.split(sq, sizes)]).sqrt()
-    coef = (max_norm / (per_head + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(torch.repeat_interleave(coef, torch.tensor(sizes)).unbind()))
+    sq = torch.stack(torch._foreach_norm(grads)).square_()
+    per_head = torch.zeros(len(grid.heads), dtype=sq.dtype, device=sq.device).index_add_(0, grid._clip_index, sq)
+    coef = (max_norm / (per_head.sqrt_() + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(coef[grid._clip_index].unbind()))
 
 
 def _device(name: str) -> torch.device:

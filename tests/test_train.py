@@ -187,3 +187,31 @@ def test_train_errors(caches, tmp_path):
     os.remove(tmp_path / "done" / "head.safetensors")
     with pytest.raises(Stage1Error, match="head.safetensors: missing"):
         evaluate_run(str(tmp_path / "done"), [caches["test"]])
+
+
+def test_clip_per_head_equals_torch_per_head():
+    from headlab.train import clip_per_head
+
+    specs = [HeadSpec("mlp", "cls", 1e-3, 0.01, 0.3), HeadSpec("linear", "cls", 1e-3, 0.01, 0.0),
+             HeadSpec("linear", "cls", 1e-4, 0.01, 0.0)]
+    a = HeadGrid(specs, {"cls": (0, 8)}, 2).eval()
+    b = HeadGrid(specs, {"cls": (0, 8)}, 2).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(16, 8) * 50
+    for m in (a, b):
+        (m(x) ** 2).sum().backward()
+    clip_per_head(a, 1.0)
+    for h in b.heads:
+        torch.nn.utils.clip_grad_norm_(h.parameters(), 1.0)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad)
+
+
+def test_grid_dropout_rates_and_scale():
+    specs = [HeadSpec("mlp", "cls", 1e-3, 0.0, 0.3, hidden=2000), HeadSpec("mlp", "cls", 1e-3, 0.0, 0.7, hidden=2000)]
+    grid = HeadGrid(specs, {"cls": (0, 4)}, 2).train()
+    hid = torch.ones(200, 4000)
+    out = grid._dropout(hid, [0.3, 0.7], 2000)
+    kept = (out > 0).float().mean(0)
+    assert abs(kept[:2000].mean() - 0.7) < 0.01 and abs(kept[2000:].mean() - 0.3) < 0.01
+    assert abs(out[:, :2000].mean() - 1.0) < 0.02 and abs(out[:, 2000:].mean() - 1.0) < 0.03
