@@ -183,8 +183,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     streamed = budget is not None and len(y_train) * row_bytes > budget
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    train_x = None if streamed else load_matrix(train_c, sets)  # read once: training, logits, k-NN
     source = (StreamedRows(train_c, sets, device, budget_bytes=budget) if streamed
-              else InMemoryRows(load_matrix(train_c, sets), y_train, device))
+              else InMemoryRows(train_x, y_train, device))
 
     specs = cfg.grid()
     grid = HeadGrid(specs, cols, num_classes).to(device)
@@ -262,11 +263,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if best_state[g] is not None:
             final.heads[g].load_state_dict(best_state[g])
     return _write_run(cfg, final, specs, best, best_epoch, sel, cal, train_c, val_c, sets, cols, num_classes,
-                      val_x, val_y, epochs_run, streamed, time.perf_counter() - t_start)
+                      train_x, val_x, val_y, epochs_run, streamed, time.perf_counter() - t_start)
 
 
 def _write_run(cfg, final, specs, best, best_epoch, sel, cal, train_c, val_c, sets, cols, num_classes,
-               val_x, val_y, epochs_run, streamed, seconds) -> dict[str, Any]:
+               train_x, val_x, val_y, epochs_run, streamed, seconds) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     cpu = torch.device("cpu")
@@ -287,12 +288,11 @@ def _write_run(cfg, final, specs, best, best_epoch, sel, cal, train_c, val_c, se
 
     lo, hi = final.slices[chosen]
     train_logits = None
-    if not streamed:  # in-memory runs also store train logits (streamed ones may not fit)
-        tr = load_matrix(train_c, sets)
+    if train_x is not None:  # in-memory runs also store train logits (streamed ones may not fit)
         with torch.no_grad():
             head.eval()
-            train_logits = np.concatenate([head(torch.as_tensor(tr[s:s + 65536, lo:hi])).numpy()
-                                           for s in range(0, len(tr), 65536)])
+            train_logits = np.concatenate([head(torch.as_tensor(train_x[s:s + 65536, lo:hi])).numpy()
+                                           for s in range(0, len(train_x), 65536)])
     arrays = {"val_select_logits": vl_sel[chosen], "val_select_labels": val_y[sel], "val_select_rows": sel,
               "val_calib_logits": vl_cal[chosen], "val_calib_labels": val_y[cal], "val_calib_rows": cal}
     if train_logits is not None:
@@ -301,11 +301,10 @@ def _write_run(cfg, final, specs, best, best_epoch, sel, cal, train_c, val_c, se
     np.savez_compressed(os.path.join(cfg.out, "logits.npz"), **arrays)
 
     knn = []
-    if cfg.knn_k and not streamed:
-        tr = load_matrix(train_c, sets)
+    if cfg.knn_k and train_x is not None:
         for feats in dict.fromkeys(cfg.features):
             a, b = final.feature_range(feats)
-            probs = knn_probs(tr[:, a:b], np.asarray(train_c.labels), val_x[sel][:, a:b], ks=cfg.knn_k,
+            probs = knn_probs(train_x[:, a:b], np.asarray(train_c.labels), val_x[sel][:, a:b], ks=cfg.knn_k,
                               temperature=cfg.knn_temperature, num_classes=num_classes)
             for k, p in probs.items():
                 m = classification_metrics(val_y[sel], p)
