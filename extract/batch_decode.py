@@ -1,11 +1,19 @@
-"""Batched JPEG decoding and preprocessing on tensors (nvJPEG on a GPU).
+"""Batched JPEG decoding and preprocessing on tensors (on a GPU).
 
 The CPUs of a GPU box cannot decode fast enough to feed it (FACTS: ~450 img/s from 16
-cores with PIL). Here a batch of JPEG byte strings is decoded by
-``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG) and resized, cropped and
-normalised on the same device from uint8, mirroring the recipe of
+cores with PIL). Here a batch of JPEG byte strings is decoded on the device and resized,
+cropped and normalised there from uint8, mirroring the recipe of
 :class:`extract.preprocess.Preprocessing` (resize with antialiased bicubic/bilinear,
-rounded back to 8 bits as PIL does, center crop, mean/std).
+rounded back to 8 bits as PIL does, center crop, mean/std). Two batch decoders:
+
+``nvimgcodec``
+    nvImageCodec (``pip install nvidia-nvimgcodec-cu13[nvjpeg]``): on data-centre GPUs
+    with hardware JPEG engines (A100, H100, H200) the decode runs on those engines and
+    leaves the SMs to the model; files the engines do not take go to nvImageCodec's CUDA
+    decoder. On a machine without CUDA it runs libjpeg-turbo (how it is tested here).
+``nvjpeg``
+    torchvision's ``decode_jpeg(..., device="cuda")``: nvJPEG kernels on the SMs. On a
+    CPU device the same call runs libjpeg-turbo.
 
 Anything the batch decoder should not or cannot handle -- non-JPEG files, CMYK or
 EXIF-rotated JPEGs, corrupt data -- is returned for per-image CPU decoding, so a batch
@@ -15,15 +23,22 @@ how the tensor path is tested without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
+import threading
 from collections.abc import Sequence
+from types import ModuleType
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from cache.errors import Stage1Error
 from extract.preprocess import Preprocessing
 
+BATCH_DECODERS = ("nvimgcodec", "nvjpeg")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -71,6 +86,88 @@ def needs_cpu(data: bytes | bytearray) -> bool:
             return True
         pos += 2 + length
     return True
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """nvImageCodec prints to the C-level stderr when it loads its optional extensions
+    (JPEG 2000, TIFF); those are not used here."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+_NVIMGCODEC: list[ModuleType | None] = []
+
+
+def nvimgcodec() -> ModuleType | None:
+    """The ``nvidia.nvimgcodec`` module, or None where it is not installed (or broken)."""
+    if not _NVIMGCODEC:
+        os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")  # per-image errors are handled here
+        try:
+            with _quiet_stderr():
+                from nvidia import nvimgcodec as mod
+        except Exception:  # ImportError, or a CUDA runtime it cannot load
+            mod = None
+        _NVIMGCODEC.append(mod)
+    return _NVIMGCODEC[0]
+
+
+def _make_nvimgcodec_decoder(device: torch.device, *, hardware_only: bool = False):
+    n = nvimgcodec()
+    if device.type == "cuda":
+        kinds = [n.BackendKind.HW_GPU_ONLY] + ([] if hardware_only else [n.BackendKind.GPU_ONLY])
+        dev = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        kinds, dev = [n.BackendKind.CPU_ONLY], n.NVIMGCODEC_DEVICE_CPU_ONLY
+    with _quiet_stderr():
+        return n.Decoder(device_id=dev, backends=[n.Backend(k) for k in kinds])
+
+
+def has_jpeg_engines(device: torch.device) -> bool:
+    """True where nvImageCodec is installed and decodes a JPEG on the GPU's hardware JPEG
+    engines (A100/H100/H200 class), probed by decoding one small image."""
+    if device.type != "cuda" or nvimgcodec() is None:
+        return False
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(buf, format="JPEG", quality=90)
+    try:
+        dec = _make_nvimgcodec_decoder(device, hardware_only=True)
+        with _quiet_stderr():
+            out = dec.decode([nvimgcodec().CodeStream(buf.getvalue())])
+        return out[0] is not None
+    except Exception:
+        return False
+
+
+def resolve_batch_decoder(name: str, device: torch.device) -> str:
+    """'auto' -> the best batch decoder this machine has: ``nvimgcodec`` where the GPU has
+    hardware JPEG engines, else ``nvjpeg`` on a GPU, else ``pil``. Explicit names are
+    checked: a clear error if the machine cannot run them."""
+    if name == "auto":
+        if device.type != "cuda":
+            return "pil"
+        return "nvimgcodec" if has_jpeg_engines(device) else "nvjpeg"
+    if name == "nvimgcodec" and nvimgcodec() is None:
+        raise Stage1Error("--decoder nvimgcodec: nvImageCodec is not installed; "
+                          "pip install 'nvidia-nvimgcodec-cu13[nvjpeg]', or use --decoder nvjpeg or pil")
+    if name in BATCH_DECODERS and device.type != "cuda":
+        raise Stage1Error(f"--decoder {name} needs a CUDA device; use --decoder pil on a CPU")
+    return name
+
+
 def resized_size(h: int, w: int, recipe: Preprocessing) -> tuple[int, int]:
     """Output size of the recipe's resize (torchvision's rule for an int size)."""
     if recipe.preset != "baseline":
@@ -81,10 +178,18 @@ def resized_size(h: int, w: int, recipe: Preprocessing) -> tuple[int, int]:
 
 
 class BatchPreprocessor:
-    """``list of JPEG bytes`` -> ``(B, 3, S, S)`` normalised float tensor on ``device``."""
+    """``list of JPEG bytes`` -> ``(B, 3, S, S)`` normalised float tensor on ``device``.
 
-    def __init__(self, recipe: Preprocessing, device: torch.device) -> None:
-        self.recipe, self.device = recipe, device
+    ``decoder``: ``'nvjpeg'`` (torchvision) or ``'nvimgcodec'``; one instance may be used
+    from several threads (nvImageCodec decoders are kept per thread)."""
+
+    def __init__(self, recipe: Preprocessing, device: torch.device, *, decoder: str = "nvjpeg") -> None:
+        if decoder not in BATCH_DECODERS:
+            raise ValueError(f"decoder must be one of {BATCH_DECODERS}, got {decoder!r}")
+        if decoder == "nvimgcodec" and nvimgcodec() is None:
+            raise Stage1Error("nvImageCodec is not installed: pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'")
+        self.recipe, self.device, self.decoder = recipe, device, decoder
+        self._local = threading.local()
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255.0
         self.mode = "bicubic" if recipe.interpolation == "bicubic" else "bilinear"
@@ -98,7 +203,13 @@ class BatchPreprocessor:
         cpu_pos = [i for i, f in enumerate(flags) if f]
         todo = [i for i, f in enumerate(flags) if not f]
         cpu = cpu_pos
-        if todo:
+        if todo and self.decoder == "nvimgcodec":
+            for i, im in zip(todo, self._decode_nvimgcodec([datas[i] for i in todo]), strict=True):
+                if im is None:
+                    cpu.append(i)
+                else:
+                    out[i] = im
+        elif todo:
             tensors = [torch.frombuffer(d if isinstance(d, bytearray) else bytearray(d), dtype=torch.uint8)
                        for d in (datas[i] for i in todo)]
             try:
@@ -116,6 +227,35 @@ class BatchPreprocessor:
                 else:
                     out[i] = im
         return out, sorted(cpu)
+
+    def _decode_nvimgcodec(self, datas: Sequence[bytes | bytearray]) -> list[torch.Tensor | None]:
+        """One batched nvImageCodec call; ``(3, H, W)`` uint8 views (None: not decoded)."""
+        n = nvimgcodec()
+        dec = getattr(self._local, "decoder", None)
+        if dec is None:
+            dec = self._local.decoder = _make_nvimgcodec_decoder(self.device)
+            # EXIF-rotated files never get here (needs_cpu); decode the stored orientation
+            self._local.params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
+        streams, pos = [], []
+        for k, d in enumerate(datas):
+            try:
+                streams.append(n.CodeStream(np.frombuffer(d, dtype=np.uint8)))
+                pos.append(k)
+            except RuntimeError:  # unparsable header
+                pass
+        out: list[torch.Tensor | None] = [None] * len(datas)
+        if not streams:
+            return out
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
+        imgs = dec.decode(streams, params=self._local.params, cuda_stream=stream)
+        for k, im in zip(pos, imgs, strict=True):
+            if im is None or im.num_channels != 3:
+                continue
+            # zero-copy: __cuda_array_interface__ on the GPU, the array interface on the host
+            t = torch.as_tensor(im, device=self.device) if cuda else torch.from_numpy(np.asarray(im))
+            out[k] = t.permute(2, 0, 1)
+        return out
 
     def transform(self, imgs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Resize, crop and normalise decoded images (grouped by size, one batched

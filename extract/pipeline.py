@@ -1,8 +1,8 @@
 """The GPU extraction pipeline: read -> decode -> preprocess -> model -> write, overlapped.
 
 * file reads and sha256 in a thread pool (I/O and hashing release the GIL);
-* batched nvJPEG decode + resize/crop/normalise on the GPU in a producer thread on its
-  own CUDA stream, a few batches ahead (:mod:`extract.batch_decode`); odd files are
+* batched JPEG decode (the GPU's JPEG engines through nvImageCodec, or nvJPEG) +
+  resize/crop/normalise on the GPU in producer threads, each on its own CUDA stream, a few batches ahead (:mod:`extract.batch_decode`); odd files are
   decoded per image on the CPU in the same pool, never stopping the batch;
 * the model in bf16, optionally ``torch.compile``d, on a static batch shape (the last
   batch is padded);
@@ -54,15 +54,15 @@ def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | 
 
 
 def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Preprocessing, device: torch.device,
-                *, threads: int = 16, decoders: int = 4, prefetch: int = 6
+                *, decoder: str = "nvjpeg", threads: int = 16, decoders: int = 4, prefetch: int = 6
                 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
     """Yield ``(indices, x on device, sha256s, failures)`` per batch, in order.
 
     ``decoders`` threads prepare batches concurrently (each on its own CUDA stream), up to
     ``prefetch`` batches ahead of the consumer; reads and hashing run in a pool of
-    ``threads``.
+    ``threads``. ``decoder``: the batch decoder (:data:`extract.batch_decode.BATCH_DECODERS`).
     """
-    bp = BatchPreprocessor(recipe, device)
+    bp = BatchPreprocessor(recipe, device, decoder=decoder)
     tf = recipe.transform()
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage1-read")
     dec = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="stage1-decode")

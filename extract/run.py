@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -25,11 +26,13 @@ from cache.format import FORMAT_VERSION, SHARD_SUFFIX, fingerprint_of, short
 from cache.reader import read_shard_info
 from cache.writer import ShardWriter
 from extract.backbone import FEATURE_SETS, Backbone, load_backbone
+from extract.batch_decode import BATCH_DECODERS, nvimgcodec, resolve_batch_decoder
 from extract.pipeline import auto_batch_size
 from extract.preprocess import DecodeError, Preprocessing, load_and_preprocess
 from extract.sources import InputList, Item, build_input_list
 
 CONFIG_NAME = "extract.json"
+DECODERS = ("auto", *BATCH_DECODERS, "pil")  # --decoder choices
 
 
 def _default_workers() -> int:
@@ -52,7 +55,7 @@ class ExtractConfig:
     workers: int = field(default_factory=_default_workers)  # decode processes (0 = in-process)
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     max_failures: str = "1%"  # undecodable inputs tolerated: a count ('10') or a share ('1%')
-    decoder: str = "auto"  # 'auto' (nvjpeg on a GPU, else pil), 'pil', 'nvjpeg'; enters the fingerprint
+    decoder: str = "auto"  # 'auto', 'nvimgcodec' (GPU JPEG engines), 'nvjpeg' (SMs), 'pil'; enters the fingerprint
     compile: str = "auto"  # torch.compile the backbone: 'auto' (on a GPU), 'on', 'off'
     progress: bool = True  # show a progress bar
 
@@ -64,8 +67,8 @@ class ExtractConfig:
             raise Stage1Error(f"--feature-sets {bad or self.feature_sets} not supported; choose from {list(FEATURE_SETS)}")
         if self.dtype not in ("float16", "float32"):
             raise Stage1Error(f"--dtype {self.dtype!r}: choose float16 or float32")
-        if self.decoder not in ("auto", "pil", "nvjpeg"):
-            raise Stage1Error(f"--decoder {self.decoder!r}: choose auto, pil or nvjpeg")
+        if self.decoder not in DECODERS:
+            raise Stage1Error(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
         if self.compile not in ("auto", "on", "off"):
             raise Stage1Error(f"--compile {self.compile!r}: choose auto, on or off")
         for k in ("batch_size", "shard_size"):
@@ -108,7 +111,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(decoder: str | None = None) -> dict[str, str]:
     import h5py
     import PIL
     import torchvision
@@ -121,6 +124,8 @@ def library_versions() -> dict[str, str]:
             out[mod] = __import__(mod).__version__
         except ImportError:
             pass
+    if decoder == "nvimgcodec":
+        out["nvimgcodec"] = nvimgcodec().__version__
     return out
 
 
@@ -130,7 +135,7 @@ def build_provenance(backbone: Backbone, recipe: Preprocessing, cfg: ExtractConf
     return {"format_version": FORMAT_VERSION, "backbone": backbone.describe(), "backbone_source": backbone.spec.to_dict(),
             "preprocessing": recipe.to_dict(),
             "feature_dtype": cfg.dtype, "feature_sets": list(cfg.feature_sets),
-            "libraries": library_versions(), "stage1_version": __version__}
+            "libraries": library_versions(recipe.decoder), "stage1_version": __version__}
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -200,6 +205,25 @@ def rank_shards(num_shards: int, rank: int, world: int) -> range:
     return range(start, start + per + (1 if rank < extra else 0))
 
 
+def _choose_decoder(cfg: ExtractConfig, device: torch.device) -> str:
+    """The decoder of this run. 'auto' resumes an existing cache with the decoder it was
+    started with (the decoder is in the fingerprint) when this machine can run it."""
+    if cfg.decoder == "auto":
+        try:
+            with open(os.path.join(cfg.out, CONFIG_NAME)) as fh:
+                started = json.load(fh)["provenance"]["preprocessing"]["decoder"]
+        except (OSError, ValueError, KeyError, TypeError):
+            started = None
+        if started in BATCH_DECODERS and device.type == "cuda":
+            try:
+                return resolve_batch_decoder(started, device)
+            except Stage1Error:
+                pass
+        elif started == "pil":
+            return "pil"
+    return resolve_batch_decoder(cfg.decoder, device)
+
+
 def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract features for every input; returns a summary dict.
 
@@ -222,9 +246,7 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
         device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events and streams follow the current device
-    decoder = cfg.decoder if cfg.decoder != "auto" else ("nvjpeg" if device.type == "cuda" else "pil")
-    if decoder == "nvjpeg" and device.type != "cuda":
-        raise Stage1Error("--decoder nvjpeg needs a CUDA device; use --decoder pil on a CPU")
+    decoder = _choose_decoder(cfg, device)
     recipe = dataclasses.replace(Preprocessing.from_preset(cfg.preprocess, image_size=cfg.image_size),
                                  decoder=decoder)
     backbone = load_backbone(cfg.backbone, weights=cfg.weights)
@@ -280,10 +302,11 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
             batch_shard.append(k)
     n_pending = sum(ranges[k][1] - ranges[k][0] for k in pending)
 
-    if decoder == "nvjpeg":
+    if decoder in BATCH_DECODERS:
         from extract.pipeline import gpu_batches
 
-        source = gpu_batches(inputs.items, batches, recipe, device, threads=max(8, 2 * (os.cpu_count() or 4)))
+        source = gpu_batches(inputs.items, batches, recipe, device, decoder=decoder,
+                             threads=max(8, 2 * (os.cpu_count() or 4)))
     else:
         source = iter(torch.utils.data.DataLoader(
             _ImageDataset(inputs.items, recipe), batch_sampler=batches, num_workers=cfg.workers,

@@ -325,8 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype (default: float16)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default: 64 on a CPU, sized from free memory on a GPU)")
-    g.add_argument("--decoder", choices=["auto", "pil", "nvjpeg"], default="auto",
-                   help="JPEG decoding: nvjpeg = batched on the GPU, pil = CPU workers (default: auto, nvjpeg on a GPU)")
+    g.add_argument("--decoder", choices=["auto", "nvimgcodec", "nvjpeg", "pil"], default="auto",
+                   help="JPEG decoding: nvimgcodec = the GPU's hardware JPEG engines (nvImageCodec), nvjpeg = "
+                        "batched on the GPU's SMs (torchvision), pil = CPU workers (default: auto, the first of "
+                        "these the machine has)")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the backbone with a static batch shape (default: auto, on a GPU)")
     g.add_argument("--shard-size", type=int, default=4096, help="inputs per shard, the unit of resumption (default: 4096)")

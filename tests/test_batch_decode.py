@@ -5,10 +5,13 @@ from __future__ import annotations
 import glob
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from extract.batch_decode import BatchPreprocessor, needs_cpu
+import extract.batch_decode as bd
+from cache.errors import Stage1Error
+from extract.batch_decode import BatchPreprocessor, needs_cpu, resolve_batch_decoder
 from extract.preprocess import Preprocessing, load_and_preprocess
 
 
@@ -16,12 +19,15 @@ def _jpegs(digits):
     return sorted(glob.glob(os.path.join(digits["root"], "images", "*.jpg")))
 
 
+@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
 @pytest.mark.parametrize("preset", ["baseline", "hf"])
-def test_tensor_path_matches_pil_on_cpu(digits_small, preset):
+def test_tensor_path_matches_pil_on_cpu(digits_small, preset, decoder):
+    """Both batch decoders run libjpeg-turbo on a CPU device: the wrapper code (header
+    parsing, layout, failures, resize/crop) is checked here, the GPU numerics on a GPU."""
     files = _jpegs(digits_small)
     datas = [open(f, "rb").read() for f in files]
     recipe = Preprocessing.from_preset(preset)
-    bp = BatchPreprocessor(recipe, torch.device("cpu"))
+    bp = BatchPreprocessor(recipe, torch.device("cpu"), decoder=decoder)
     imgs, cpu = bp.decode(datas)
     # the CMYK, EXIF-rotated and broken JPEGs go to the CPU path, the rest are batch-decoded
     assert {os.path.basename(files[i]) for i in cpu} >= {"broken_truncated.jpg", "broken_not_an_image.jpg"}
@@ -35,20 +41,57 @@ def test_tensor_path_matches_pil_on_cpu(digits_small, preset):
     assert (x - ref).abs().mean() < 0.01
 
 
+def test_nvimgcodec_decodes_what_pil_decodes(digits_small):
+    files = [f for f in _jpegs(digits_small) if not os.path.basename(f).startswith("broken")]
+    datas = [bytearray(open(f, "rb").read()) for f in files]
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    flags = [needs_cpu(d) for d in datas]
+    imgs = bp._decode_nvimgcodec([d for d, f in zip(datas, flags, strict=True) if not f])
+    from PIL import Image
+
+    ref = [f for f, flag in zip(files, flags, strict=True) if not flag]
+    assert imgs and all(im is not None for im in imgs)
+    for im, f in zip(imgs, ref, strict=True):
+        pil = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+        assert im.shape == pil.shape and im.dtype == torch.uint8
+        assert (im.int() - pil.int()).abs().max() <= 2  # both libjpeg-turbo; PIL may pick another IDCT
+    # garbage and truncated data come back as None, never an exception
+    out = bp._decode_nvimgcodec([b"not a jpeg", bytes(datas[0][: len(datas[0]) // 3]), datas[0]])
+    assert out[0] is None and out[2] is not None
+
+
+def test_decoder_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_batch_decoder("auto", cpu) == "pil"
+    assert resolve_batch_decoder("pil", cpu) == "pil"
+    for name in ("nvjpeg", "nvimgcodec"):
+        with pytest.raises(Stage1Error, match=f"--decoder {name} needs a CUDA device; use --decoder pil"):
+            resolve_batch_decoder(name, cpu)
+    assert not bd.has_jpeg_engines(cpu)
+    monkeypatch.setattr(bd, "_NVIMGCODEC", [None])  # as on a machine without nvImageCodec
+    with pytest.raises(Stage1Error, match="nvImageCodec is not installed; pip install"):
+        resolve_batch_decoder("nvimgcodec", cpu)
+    with pytest.raises(Stage1Error, match="not installed"):
+        BatchPreprocessor(Preprocessing(), cpu, decoder="nvimgcodec")
+    assert resolve_batch_decoder("auto", torch.device("cuda")) in ("nvjpeg",)  # no engines without nvImageCodec
+
+
 def test_needs_cpu():
     assert needs_cpu(b"\x89PNG....") and needs_cpu(b"not an image")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_features_agree_with_cpu(digits_small, tiny_hf, tmp_path):
+@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
+def test_gpu_features_agree_with_cpu(digits_small, tiny_hf, tmp_path, decoder):
     from cache import open_cache
     from extract.run import ExtractConfig, run_extract
 
     common = dict(images=[digits_small["root"]], labels=[digits_small["train"]], backbone=tiny_hf, progress=False,
                   max_failures="20%", workers=2)
     run_extract(ExtractConfig(out=str(tmp_path / "cpu"), device="cpu", **common))
-    run_extract(ExtractConfig(out=str(tmp_path / "gpu"), device="cuda", **common))
+    s = run_extract(ExtractConfig(out=str(tmp_path / "gpu"), device="cuda", decoder=decoder, **common))
+    assert s["decoder"] == decoder
     with open_cache(str(tmp_path / "cpu")) as a, open_cache(str(tmp_path / "gpu")) as b:
         assert a.fingerprint != b.fingerprint  # the decoder is part of the recipe
         assert a.paths.tolist() == b.paths.tolist(), sorted(set(a.paths) ^ set(b.paths))
@@ -60,7 +103,8 @@ def test_gpu_features_agree_with_cpu(digits_small, tiny_hf, tmp_path):
             assert cos.min() >= 0.999, float(cos.min())
 
 
-def test_pipeline_batches_in_order_with_failures(digits_small):
+@pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
+def test_pipeline_batches_in_order_with_failures(digits_small, decoder):
     """The overlapped batch producer (run on the CPU here) keeps order and records failures."""
     from extract.pipeline import gpu_batches
     from extract.sources import build_input_list
@@ -69,8 +113,8 @@ def test_pipeline_batches_in_order_with_failures(digits_small):
     recipe = Preprocessing()
     batches = [list(range(s, min(s + 5, len(il.items)))) for s in range(0, len(il.items), 5)]
     seen, fails = [], []
-    for idx, x, shas, failed in gpu_batches(il.items, batches, recipe, torch.device("cpu"), threads=3, decoders=2,
-                                            prefetch=2):
+    for idx, x, shas, failed in gpu_batches(il.items, batches, recipe, torch.device("cpu"), decoder=decoder,
+                                            threads=3, decoders=2, prefetch=2):
         assert x is None or x.shape == (len(idx), 3, 224, 224)
         assert len(shas) == len(idx)
         seen += idx
