@@ -202,6 +202,61 @@ def nvimgcodec_alone(root: str, csv: str, n: int = 4096, batch: int = 256, threa
     return n / dt
 
 
+def stage_profile(root: str, csv: str, decoder: str, n: int = 4096, batch: int = 256) -> dict:
+    """Images/s of each stage of the producer on its own: read+hash+header check (thread
+    pool), batch decode (bytes in memory), resize/crop/normalise (decoded images ready);
+    and how much a Python thread gets done while another thread decodes (1.0: the decode
+    call releases the GIL)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from extract.batch_decode import BatchPreprocessor
+    from extract.pipeline import _read
+    from extract.preprocess import Preprocessing
+    from extract.sources import Item
+
+    files = [line.split(",")[0] for line in open(csv)][:n]
+    items = [Item(os.path.join(root, f), f, 0, "s", "") for f in files]
+    out = {}
+    with ThreadPoolExecutor(2 * os.cpu_count()) as ex:
+        t0 = time.perf_counter()
+        got = list(ex.map(_read, items, chunksize=16))
+        out["read_hash_check_img_s"] = n / (time.perf_counter() - t0)
+    datas = [g[0] for g in got]
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cuda"), decoder=decoder)
+    chunks = [datas[s:s + batch] for s in range(0, n, batch)]
+    bp.decode(chunks[0])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for c in chunks:
+        imgs, _ = bp.decode(c)
+    torch.cuda.synchronize()
+    out["decode_img_s"] = n / (time.perf_counter() - t0)
+    bp.transform(imgs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(8):
+        bp.transform(imgs)
+    torch.cuda.synchronize()
+    out["transform_img_s"] = 8 * len(imgs) / (time.perf_counter() - t0)
+
+    def spin(seconds: float) -> int:
+        k, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            k += 1
+        return k
+
+    alone = spin(0.5)
+    th = threading.Thread(target=lambda: [bp.decode(c) for c in chunks[:8]])
+    t0 = time.perf_counter()
+    th.start()
+    k = 0
+    while th.is_alive():
+        k += spin(0.01)
+    out["python_progress_while_decoding"] = k / (time.perf_counter() - t0) / (alone / 0.5)
+    return out
+
+
 def decoder_agreement(root: str, csv: str, n: int = 64) -> dict:
     """Pixels of each GPU decoder vs PIL (libjpeg-turbo) on the same files."""
     from PIL import Image
@@ -261,6 +316,8 @@ def main() -> None:
         res["decoder_agreement_vs_pil"] = decoder_agreement(root, csv)
         print("decoded pixels vs PIL:", res["decoder_agreement_vs_pil"], flush=True)
     for d in decoders:
+        res[f"stages_{d}"] = stage_profile(root, csv, d)
+        print(f"[{d}] stages alone: {res[f'stages_{d}']}", flush=True)
         decode_only(root, csv, min(args.n, 4096), decoder=d)  # warm the page cache and the decoder
         res[f"decode_preprocess_only_{d}_img_s"] = dec = decode_only(root, csv, args.n, decoder=d)
         print(f"[{d}] decode + preprocess stage alone: {dec:.0f} img/s", flush=True)

@@ -180,8 +180,9 @@ def resized_size(h: int, w: int, recipe: Preprocessing) -> tuple[int, int]:
 class BatchPreprocessor:
     """``list of JPEG bytes`` -> ``(B, 3, S, S)`` normalised float tensor on ``device``.
 
-    ``decoder``: ``'nvjpeg'`` (torchvision) or ``'nvimgcodec'``; one instance may be used
-    from several threads (nvImageCodec decoders are kept per thread)."""
+    ``decoder``: ``'nvjpeg'`` (torchvision) or ``'nvimgcodec'``. One instance may be used
+    from several threads: they share one nvImageCodec decoder, one batch at a time (the
+    JPEG engines measured slower when several decoders fed them at once)."""
 
     def __init__(self, recipe: Preprocessing, device: torch.device, *, decoder: str = "nvjpeg") -> None:
         if decoder not in BATCH_DECODERS:
@@ -189,7 +190,8 @@ class BatchPreprocessor:
         if decoder == "nvimgcodec" and nvimgcodec() is None:
             raise Stage1Error("nvImageCodec is not installed: pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'")
         self.recipe, self.device, self.decoder = recipe, device, decoder
-        self._local = threading.local()
+        self._nv_lock = threading.Lock()
+        self._nv_decoder = self._nv_params = None
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255.0
         self.mode = "bicubic" if recipe.interpolation == "bicubic" else "bilinear"
@@ -231,11 +233,6 @@ class BatchPreprocessor:
     def _decode_nvimgcodec(self, datas: Sequence[bytes | bytearray]) -> list[torch.Tensor | None]:
         """One batched nvImageCodec call; ``(3, H, W)`` uint8 views (None: not decoded)."""
         n = nvimgcodec()
-        dec = getattr(self._local, "decoder", None)
-        if dec is None:
-            dec = self._local.decoder = _make_nvimgcodec_decoder(self.device)
-            # EXIF-rotated files never get here (needs_cpu); decode the stored orientation
-            self._local.params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
         streams, pos = [], []
         for k, d in enumerate(datas):
             try:
@@ -248,7 +245,12 @@ class BatchPreprocessor:
             return out
         cuda = self.device.type == "cuda"
         stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
-        imgs = dec.decode(streams, params=self._local.params, cuda_stream=stream)
+        with self._nv_lock:
+            if self._nv_decoder is None:
+                self._nv_decoder = _make_nvimgcodec_decoder(self.device)
+                # EXIF-rotated files never get here (needs_cpu): decode the stored orientation
+                self._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
+            imgs = self._nv_decoder.decode(streams, params=self._nv_params, cuda_stream=stream)
         for k, im in zip(pos, imgs, strict=True):
             if im is None or im.num_channels != 3:
                 continue
