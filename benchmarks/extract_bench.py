@@ -202,27 +202,29 @@ def nvimgcodec_alone(root: str, csv: str, n: int = 4096, batch: int = 256, threa
     return n / dt
 
 
-def stage_profile(root: str, csv: str, decoder: str, n: int = 4096, batch: int = 256) -> dict:
+def stage_profile(root: str, csv: str, decoder: str, n: int = 4096, batch: int = 256, readers: int = 8) -> dict:
     """Images/s of each stage of the producer on its own: read+hash+header check (thread
     pool), batch decode (bytes in memory), resize/crop/normalise (decoded images ready);
     and how much a Python thread gets done while another thread decodes (1.0: the decode
     call releases the GIL)."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     from extract.batch_decode import BatchPreprocessor
-    from extract.pipeline import _read
     from extract.preprocess import Preprocessing
+    from extract.readers import ReaderPool
     from extract.sources import Item
 
     files = [line.split(",")[0] for line in open(csv)][:n]
     items = [Item(os.path.join(root, f), f, 0, "s", "") for f in files]
     out = {}
-    with ThreadPoolExecutor(2 * os.cpu_count()) as ex:
-        t0 = time.perf_counter()
-        got = list(ex.map(_read, items, chunksize=16))
-        out["read_hash_check_img_s"] = n / (time.perf_counter() - t0)
-    datas = [g[0] for g in got]
+    rp = ReaderPool(readers)
+    t0 = time.perf_counter()
+    futs = [rp.submit([it.file for it in items[s:s + batch]]) for s in range(0, n, batch)]
+    got = [r for f in futs for r in rp.result(f)]
+    out["read_hash_check_img_s"] = n / (time.perf_counter() - t0)
+    out["readers"] = readers if rp.uses_processes else 0
+    rp.close()
+    datas = [g.data for g in got]
     bp = BatchPreprocessor(Preprocessing(), torch.device("cuda"), decoder=decoder)
     chunks = [datas[s:s + batch] for s in range(0, n, batch)]
     bp.decode(chunks[0])

@@ -25,68 +25,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import threading
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from cache.errors import Stage1Error
+from extract.jpeg_header import needs_cpu
 from extract.preprocess import Preprocessing
+from extract.resample import crop_box, horizontal_first, pil_weights, round_like_pil
+
+# Inputs may be read-only views of shared memory; the decoders only read them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+__all__ = ["BATCH_DECODERS", "BatchPreprocessor", "has_jpeg_engines", "needs_cpu", "nvimgcodec",
+           "resolve_batch_decoder"]
 
 BATCH_DECODERS = ("nvimgcodec", "nvjpeg")
-_JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def _exif_orientation(seg: bytes) -> int:
-    """Orientation tag (0x0112) of IFD0 in an APP1 'Exif' segment payload; 1 if absent."""
-    if not seg.startswith(b"Exif\x00\x00") or len(seg) < 14:
-        return 1
-    tiff = seg[6:]
-    bo = "<" if tiff[:2] == b"II" else ">"
-    try:
-        ifd = struct.unpack(bo + "I", tiff[4:8])[0]
-        (count,) = struct.unpack(bo + "H", tiff[ifd:ifd + 2])
-        for k in range(count):
-            e = ifd + 2 + 12 * k
-            tag, typ = struct.unpack(bo + "HH", tiff[e:e + 4])
-            if tag == 0x0112:
-                return struct.unpack(bo + "H", tiff[e + 8:e + 10])[0]
-    except struct.error:
-        return 0  # malformed: let the CPU path judge it
-    return 1
-
-
-def needs_cpu(data: bytes | bytearray) -> bool:
-    """True for files the batched decoder must not take: not a JPEG, not 1 or 3 colour
-    components (CMYK/YCCK), or an EXIF orientation other than upright (nvJPEG ignores
-    EXIF). A marker walk over the header bytes: no image library, microseconds a file."""
-    if not data.startswith(_JPEG_MAGIC):
-        return True
-    if bytes(data[-64:]).rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9":
-        return True  # no end-of-image marker: truncated; nvJPEG would return a grey-filled image
-    pos, n = 2, len(data)
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return True
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        if marker == 0xE1 and _exif_orientation(bytes(data[pos + 4:pos + 2 + length])) != 1:
-            return True
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
-            return pos + 9 >= n or data[pos + 9] not in (1, 3)
-        if marker == 0xDA:  # start of scan before any frame header
-            return True
-        pos += 2 + length
-    return True
-
 @contextlib.contextmanager
 def _quiet_stderr():
     """nvImageCodec prints to the C-level stderr when it loads its optional extensions
@@ -190,11 +149,13 @@ class BatchPreprocessor:
         if decoder == "nvimgcodec" and nvimgcodec() is None:
             raise Stage1Error("nvImageCodec is not installed: pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'")
         self.recipe, self.device, self.decoder = recipe, device, decoder
+        self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
+        self._fp32_out = True
         self._nv_lock = threading.Lock()
         self._nv_decoder = self._nv_params = None
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255.0
-        self.mode = "bicubic" if recipe.interpolation == "bicubic" else "bilinear"
 
     def decode(self, datas: Sequence[bytes | bytearray], *, cpu: Sequence[bool] | None = None
                ) -> tuple[list[torch.Tensor | None], list[int]]:
@@ -212,8 +173,7 @@ class BatchPreprocessor:
                 else:
                     out[i] = im
         elif todo:
-            tensors = [torch.frombuffer(d if isinstance(d, bytearray) else bytearray(d), dtype=torch.uint8)
-                       for d in (datas[i] for i in todo)]
+            tensors = [torch.frombuffer(datas[i], dtype=torch.uint8) for i in todo]
             try:
                 imgs = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:  # one bad file fails the call: decode one by one
@@ -259,9 +219,40 @@ class BatchPreprocessor:
             out[k] = t.permute(2, 0, 1)
         return out
 
-    def transform(self, imgs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Resize, crop and normalise decoded images (grouped by size, one batched
-        interpolate per group)."""
+    def _axis(self, n_in: int, n_out: int) -> tuple[torch.Tensor | None, int, int]:
+        """One axis of the resize+crop: ``(weights, start, stop)``. Only input samples
+        ``start:stop`` reach a kept output; ``weights`` is ``(kept outputs, stop-start)``,
+        or None where the axis is not resized (the crop is then just that slice)."""
+        key = (n_in, n_out)
+        if key not in self._mats:
+            start, length = crop_box(n_out, self.recipe.crop)
+            if n_out == n_in:
+                self._mats[key] = (None, start, start + length)
+            else:
+                w = pil_weights(n_in, n_out, self.recipe.interpolation, start, length)
+                nz = np.flatnonzero(np.abs(w).sum(0))
+                a, b = int(nz[0]), int(nz[-1]) + 1
+                self._mats[key] = (torch.from_numpy(w[:, a:b]).to(self.device, self.compute_dtype), a, b)
+        return self._mats[key]
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` (2-D or batched) with float32 results: on a GPU, float16 operands on
+        the tensor cores accumulating into float32 output (no float16 rounding of sums)."""
+        if self.device.type == "cuda" and self._fp32_out:
+            try:
+                return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
+            except (TypeError, RuntimeError):  # torch without mm(..., out_dtype)
+                self._fp32_out = False
+        return torch.matmul(a, b).float()
+
+    def transform(self, imgs: Sequence[torch.Tensor], *, chunk: int = 64) -> torch.Tensor:
+        """Resize, crop and normalise decoded ``(3, H, W)`` uint8 images (any strides).
+
+        PIL's two resize passes as two GEMMs per group of same-size images
+        (:mod:`extract.resample`), over only the input pixels that reach the crop and
+        computing only the pixels the crop keeps, rounded to 8 bits after each pass as PIL
+        does; float16 operands on a GPU (0..255 integers are exact in it), float32 on a
+        CPU. Groups are processed ``chunk`` images at a time."""
         r = self.recipe
         s = r.output_size
         out = torch.empty((len(imgs), 3, s, s), device=self.device, dtype=torch.float32)
@@ -269,13 +260,24 @@ class BatchPreprocessor:
         for i, im in enumerate(imgs):
             groups.setdefault(tuple(im.shape[-2:]), []).append(i)
         for (h, w), idx in groups.items():
-            x = torch.stack([imgs[i] for i in idx]).float()
             nh, nw = resized_size(h, w, r)
-            if (nh, nw) != (h, w):
-                x = F.interpolate(x, size=(nh, nw), mode=self.mode, antialias=True, align_corners=False)
-                x = x.round_().clamp_(0, 255)  # PIL resamples to 8 bits
-            if r.crop is not None:
-                top, left = int(round((nh - r.crop) / 2.0)), int(round((nw - r.crop) / 2.0))
-                x = x[:, :, top:top + r.crop, left:left + r.crop]
-            out[idx] = (x - self.mean) / self.std
+            mh, r0, r1 = self._axis(h, nh)  # (ch, R)
+            mw, c0, c1 = self._axis(w, nw)  # (cw, C)
+            order = ("w", "h") if horizontal_first(h, w, nh, nw) else ("h", "w")
+            for k0 in range(0, len(idx), chunk):
+                part = idx[k0:k0 + chunk]
+                b = len(part)
+                # (b, R, 3, C): rows of pixels, channel-major inside a row, as the GEMMs want
+                x = torch.stack([imgs[i][:, r0:r1, c0:c1] for i in part]).permute(0, 2, 1, 3).to(
+                    self.compute_dtype, memory_format=torch.contiguous_format)
+                for step, axis in enumerate(order):
+                    rows, cols = x.shape[1], x.shape[3]
+                    if axis == "w" and mw is not None:  # horizontal: (b*rows*3, C) @ (C, cw)
+                        x = round_like_pil(self._mm(x.view(b * rows * 3, cols), mw.T)).view(b, rows, 3, -1)
+                    elif axis == "h" and mh is not None:  # vertical: (ch, R) @ (b, R, 3*cols)
+                        x = round_like_pil(self._mm(mh.expand(b, -1, -1), x.view(b, rows, 3 * cols)))
+                        x = x.view(b, -1, 3, cols)
+                    if step == 0 and x.dtype != self.compute_dtype:
+                        x = x.to(self.compute_dtype)  # integers 0..255: exact
+                out[part] = (x.permute(0, 2, 1, 3).float() - self.mean) / self.std
         return out

@@ -1,6 +1,8 @@
 """The GPU extraction pipeline: read -> decode -> preprocess -> model -> write, overlapped.
 
-* file reads and sha256 in a thread pool (I/O and hashing release the GIL);
+* file reads, sha256 and JPEG header checks in worker processes, bytes handed back
+  through shared memory (:mod:`extract.readers`), off the GIL of the decode and model
+  threads;
 * batched JPEG decode (the GPU's JPEG engines through nvImageCodec, or nvJPEG) +
   resize/crop/normalise on the GPU in producer threads, each on its own CUDA stream, a few batches ahead (:mod:`extract.batch_decode`); odd files are
   decoded per image on the CPU in the same pool, never stopping the batch;
@@ -12,8 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,28 +22,12 @@ from typing import Any
 
 import torch
 
-from extract.batch_decode import BatchPreprocessor, needs_cpu
+from extract.batch_decode import BatchPreprocessor
 from extract.preprocess import DecodeError, Preprocessing, decode_image
+from extract.readers import ReaderPool
 from extract.sources import Item
 
 _DONE = object()  # AsyncWriter's stop marker
-
-
-def _read(item: Item) -> tuple[bytearray | None, str, str | None, bool]:
-    """(bytes, sha256, failure reason, needs the CPU decoder) -- all the per-file CPU work,
-    done in the reader pool so the decode thread only launches GPU work."""
-    try:
-        with open(item.file, "rb") as fh:
-            data = bytearray(os.fstat(fh.fileno()).st_size)
-            got = fh.readinto(data)
-            del data[got:]
-    except FileNotFoundError:
-        return None, "", "file not found", False
-    except OSError as e:
-        return None, "", f"cannot read: {e.strerror}", False
-    if not data:
-        return None, "", "empty file", False
-    return data, hashlib.sha256(data).hexdigest(), None, needs_cpu(data)
 
 
 def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | None, str | None]:
@@ -54,36 +38,38 @@ def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | 
 
 
 def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Preprocessing, device: torch.device,
-                *, decoder: str = "nvjpeg", threads: int = 16, decoders: int = 4, prefetch: int = 6
-                ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
+                *, decoder: str = "nvjpeg", readers: int = 8, threads: int = 8, decoders: int = 4,
+                prefetch: int = 6) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
     """Yield ``(indices, x on device, sha256s, failures)`` per batch, in order.
 
     ``decoders`` threads prepare batches concurrently (each on its own CUDA stream), up to
-    ``prefetch`` batches ahead of the consumer; reads and hashing run in a pool of
-    ``threads``. ``decoder``: the batch decoder (:data:`extract.batch_decode.BATCH_DECODERS`).
+    ``prefetch`` batches ahead of the consumer; reads, hashing and header checks run in
+    ``readers`` worker processes (:mod:`extract.readers`; threads where that is not
+    possible), odd files are decoded on the CPU in a pool of ``threads``. ``decoder``: the batch decoder (:data:`extract.batch_decode.BATCH_DECODERS`).
     """
     bp = BatchPreprocessor(recipe, device, decoder=decoder)
     tf = recipe.transform()
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage1-read")
+    reader = ReaderPool(readers, threads=threads)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage1-cpu-decode")
     dec = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="stage1-decode")
     local = threading.local()
     reads: dict[int, list] = {}
 
     def submit_reads(bi: int) -> None:
         if bi < len(batches):
-            reads[bi] = [pool.submit(_read, items[i]) for i in batches[bi]]
+            reads[bi] = reader.submit([items[i].file for i in batches[bi]])
 
     def prepare(bi: int):
         b = batches[bi]
-        got = [f.result() for f in reads.pop(bi)]
-        failed = [(i, r[2]) for i, r in zip(b, got, strict=True) if r[2] is not None]
-        ok = [(i, r) for i, r in zip(b, got, strict=True) if r[2] is None]
+        got = reader.result(reads.pop(bi))
+        failed = [(i, r.reason) for i, r in zip(b, got, strict=True) if r.reason is not None]
+        ok = [(i, r) for i, r in zip(b, got, strict=True) if r.reason is None]
         if device.type == "cuda" and not hasattr(local, "stream"):
             local.stream = torch.cuda.Stream(device)
         stream = getattr(local, "stream", None)
         with torch.cuda.stream(stream) if stream is not None else _null():
-            imgs, cpu_pos = bp.decode([r[0] for _, r in ok], cpu=[r[3] for _, r in ok])
-            cpu_jobs = {p: pool.submit(_cpu_decode, bytes(ok[p][1][0]), recipe, tf) for p in cpu_pos}
+            imgs, cpu_pos = bp.decode([r.data for _, r in ok], cpu=[r.cpu for _, r in ok])
+            cpu_jobs = {p: pool.submit(_cpu_decode, bytes(ok[p][1].data), recipe, tf) for p in cpu_pos}
             gpu_pos = [p for p in range(len(ok)) if p not in cpu_jobs]
             x = bp.transform([imgs[p] for p in gpu_pos]) if gpu_pos else None
             parts = {}
@@ -105,7 +91,7 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
             if stream is not None:
                 event = torch.cuda.Event()
                 event.record(stream)
-        return [ok[p][0] for p in order], x, [ok[p][1][1] for p in order], sorted(failed), event
+        return [ok[p][0] for p in order], x, [ok[p][1].sha256 for p in order], sorted(failed), event
 
     jobs: dict[int, Any] = {}
     try:
@@ -129,6 +115,7 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
             j.cancel()
         dec.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=False, cancel_futures=True)
+        reader.close()
 
 
 class _null:

@@ -52,7 +52,7 @@ class ExtractConfig:
     dtype: str = "float16"  # stored feature dtype
     batch_size: int | None = None  # images per forward pass (None: 64 on a CPU, from free memory on a GPU)
     shard_size: int = 4096  # inputs per shard file (the unit of resumption)
-    workers: int = field(default_factory=_default_workers)  # decode processes (0 = in-process)
+    workers: int = field(default_factory=_default_workers)  # CPU decode processes; with a GPU decoder: file readers
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     max_failures: str = "1%"  # undecodable inputs tolerated: a count ('10') or a share ('1%')
     decoder: str = "auto"  # 'auto', 'nvimgcodec' (GPU JPEG engines), 'nvjpeg' (SMs), 'pil'; enters the fingerprint
@@ -305,8 +305,7 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     if decoder in BATCH_DECODERS:
         from extract.pipeline import gpu_batches
 
-        source = gpu_batches(inputs.items, batches, recipe, device, decoder=decoder,
-                             threads=max(8, 2 * (os.cpu_count() or 4)))
+        source = gpu_batches(inputs.items, batches, recipe, device, decoder=decoder, readers=cfg.workers, threads=4)
     else:
         source = iter(torch.utils.data.DataLoader(
             _ImageDataset(inputs.items, recipe), batch_sampler=batches, num_workers=cfg.workers,

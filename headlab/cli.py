@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the backbone with a static batch shape (default: auto, on a GPU)")
     g.add_argument("--shard-size", type=int, default=4096, help="inputs per shard, the unit of resumption (default: 4096)")
-    g.add_argument("--workers", type=int, default=None, help="decode processes (default: min(8, CPUs))")
+    g.add_argument("--workers", type=int, default=None, help="worker processes: PIL decoders, or file readers with a GPU decoder (default: min(8, CPUs))")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--max-failures", default="1%", help="undecodable images tolerated, count or share (default: 1%%)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
