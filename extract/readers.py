@@ -199,11 +199,14 @@ class ReaderPool:
             fut.set_result([])
             return fut
         with self._lock:
-            for k, part in enumerate(parts):
-                tid = self._next
-                self._next += 1
+            tids = list(range(self._next, self._next + len(parts)))
+            self._next += len(parts)
+            for k, tid in enumerate(tids):
                 self._futures[tid] = (fut, k, slots)
-                self.tasks.put((tid, self._prefix, part))
+        # outside the lock: a put blocks while the pipe is full, and the collector needs
+        # the lock to drain the results that let the workers take more tasks
+        for tid, part in zip(tids, parts, strict=True):
+            self.tasks.put((tid, self._prefix, part))
         return fut
 
     def result(self, fut: Future) -> list[FileRead]:
@@ -213,6 +216,9 @@ class ReaderPool:
                 return fut.result(timeout=2.0)
             except TimeoutError:
                 dead = [p for p in self.procs if not p.is_alive()]
+                if not self._collector.is_alive():
+                    raise RuntimeError("file reader pool stopped; re-run the command: finished shards are kept"
+                                       ) from None
                 if dead:
                     raise RuntimeError(f"file reader process {dead[0].name} died (exit code {dead[0].exitcode}); "
                                        "re-run the command: finished shards are kept") from None

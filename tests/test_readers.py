@@ -76,3 +76,16 @@ def test_dead_reader_process_raises_instead_of_hanging(files):
             pool.result(fut)
     finally:
         pool.close()
+
+
+def test_many_small_tasks_do_not_deadlock(files):
+    """More queued tasks than the pipes hold (results must drain while tasks are queued)."""
+    pool = ReaderPool(2, chunk=1)
+    try:
+        futs = [pool.submit(files * 4) for _ in range(3)]  # ~1,800 one-file tasks
+        for f in futs:
+            got = pool.result(f)
+            assert len(got) == 4 * len(files)
+            assert sum(r.reason is None for r in got) == 4 * 150
+    finally:
+        pool.close()
