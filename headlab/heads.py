@@ -3,8 +3,8 @@
 A :class:`Head` is the users' baseline ``Linear(D, 768)-ReLU-Dropout-Linear(768, K)``
 (``kind='mlp'``) or one ``Linear(D, K)`` (``kind='linear'``). A :class:`HeadGrid` holds
 many heads whose inputs are column ranges of one feature matrix; heads of one kind
-and feature set are evaluated with one matrix product per layer (their weights
-concatenated), so a grid of G heads costs far less than G separate passes.
+and feature set are stored stacked and evaluated with one matrix product per layer, so
+a grid of G heads costs far less than G separate passes.
 """
 
 from __future__ import annotations
@@ -60,11 +60,69 @@ class Head(nn.Module):
         return self.fc2(h)
 
 
+class _Stack(nn.Module):
+    """The heads of one group (same kind, input columns and hidden width), each parameter
+    stacked along dim 0, one slice per head.
+
+    Heads of a group may differ in learning rate. A head's weights are stored divided by
+    its ``scale = lr / lr_ref`` (``lr_ref``: the group's largest lr), and the forward
+    multiplies the layer outputs back by ``scale``; with one AdamW learning rate
+    ``lr_ref`` for the stack, each head then moves at its own ``lr`` (Adam's step does not
+    depend on the gradient's scale; epsilon acts as ``eps / scale``, negligible at 1e-8).
+    Decoupled weight decay, which does depend on the head, is applied by
+    :meth:`HeadGrid.decay_`, one multiply per stacked tensor.
+    """
+
+    def __init__(self, kind: str, heads: Sequence[Head], specs: Sequence[HeadSpec]) -> None:
+        super().__init__()
+        self.kind, self.g = kind, len(heads)
+        lrs = [s.lr for s in specs]
+        self.lr_ref = max(lrs)
+        scale = torch.tensor([lr / self.lr_ref for lr in lrs], dtype=torch.float32)
+        self.scaled = bool((scale != 1).any())
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("weight_decay", torch.tensor([s.weight_decay for s in specs], dtype=torch.float32),
+                             persistent=False)
+        names = ("fc.weight", "fc.bias") if kind == "linear" else ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+        self.names = names
+        with torch.no_grad():
+            for n in names:
+                t = torch.stack([h.get_parameter(n).detach() for h in heads])
+                self.register_parameter(n.replace(".", "_"), nn.Parameter(t / self._view(scale, t.dim())))
+        if kind == "mlp":
+            hidden = self.fc1_weight.shape[1]
+            self.register_buffer("scale_hidden", scale.repeat_interleave(hidden), persistent=False)
+        k = self.fc_weight.shape[1] if kind == "linear" else self.fc2_weight.shape[1]
+        self.register_buffer("scale_out", scale.repeat_interleave(k), persistent=False)
+
+    @staticmethod
+    def _view(v: torch.Tensor, dim: int) -> torch.Tensor:
+        return v.view(-1, *([1] * (dim - 1)))
+
+    def stacked(self) -> list[torch.Tensor]:
+        return [self.get_parameter(n.replace(".", "_")) for n in self.names]
+
+    def head_state(self, pos: int) -> dict[str, torch.Tensor]:
+        """Head ``pos``'s weights as a :class:`Head` state dict (scale folded back in)."""
+        s = self.scale[pos]
+        return {n: (p[pos] * s).detach() for n, p in zip(self.names, self.stacked(), strict=True)}
+
+    @torch.no_grad()
+    def load_head_state(self, pos: int, state: dict[str, torch.Tensor]) -> None:
+        s = self.scale[pos]
+        for n, p in zip(self.names, self.stacked(), strict=True):
+            p[pos].copy_(state[n].to(p.device, p.dtype) / s)
+
+
 class HeadGrid(nn.Module):
     """Heads that share batches. ``forward(x)`` -> ``(G, B, K)`` logits.
 
     ``columns[name]`` gives the ``(start, stop)`` column range of each feature set in
-    the matrix fed to ``forward``.
+    the matrix fed to ``forward``. Heads of one kind, feature set and hidden width live
+    in one :class:`_Stack` and are evaluated with one matrix product per layer, and
+    optimised, clipped, decayed and averaged (EMA) as a few stacked tensors: the cost of
+    a grid grows with its FLOPs, not with its number of heads. :meth:`head` and
+    :meth:`head_state` give each head back as a plain :class:`Head`.
     """
 
     def __init__(self, specs: Sequence[HeadSpec], columns: dict[str, tuple[int, int]], num_classes: int) -> None:
@@ -72,20 +130,88 @@ class HeadGrid(nn.Module):
         self.specs = list(specs)
         self.columns = dict(columns)
         self.num_classes = num_classes
-        self.heads = nn.ModuleList()
         self.slices: list[tuple[int, int]] = []
-        for s in self.specs:
+        heads = []
+        for s in self.specs:  # created one by one, so a seed gives the same initial weights as single heads
             lo, hi = self.feature_range(s.features)
             self.slices.append((lo, hi))
-            self.heads.append(Head(hi - lo, num_classes, kind=s.kind, hidden=s.hidden, dropout=s.dropout))
-        # Groups of heads computed together: same kind, same input columns, same hidden width.
+            heads.append(Head(hi - lo, num_classes, kind=s.kind, hidden=s.hidden, dropout=s.dropout))
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(self.specs):
             groups.setdefault((s.kind, self.slices[i], s.hidden if s.kind == "mlp" else 0), []).append(i)
         self.groups = list(groups.items())
+        self.stacks = nn.ModuleList(_Stack(kind, [heads[i] for i in idx], [self.specs[i] for i in idx])
+                                    for (kind, _, _), idx in self.groups)
+        self._where = {g: (gi, pos) for gi, (_, idx) in enumerate(self.groups) for pos, g in enumerate(idx)}
         # Dropout's random bits on a CPU (seeded from torch's RNG: torch.manual_seed governs it).
         self._rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
         self._drop_consts: dict[tuple, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def head_state(self, g: int) -> dict[str, torch.Tensor]:
+        """Head ``g``'s weights as a :class:`Head` state dict."""
+        gi, pos = self._where[g]
+        return self.stacks[gi].head_state(pos)
+
+    def load_head_state(self, g: int, state: dict[str, torch.Tensor]) -> None:
+        gi, pos = self._where[g]
+        self.stacks[gi].load_head_state(pos, state)
+
+    def head(self, g: int) -> Head:
+        """Head ``g`` as a stand-alone :class:`Head` (a copy, on the CPU, in the grid's
+        train/eval mode)."""
+        s = self.specs[g]
+        lo, hi = self.slices[g]
+        h = Head(hi - lo, self.num_classes, kind=s.kind, hidden=s.hidden, dropout=s.dropout)
+        h.load_state_dict({k: v.cpu() for k, v in self.head_state(g).items()})
+        return h.train(self.training)
+
+    @property
+    def heads(self) -> list[Head]:
+        return [self.head(g) for g in range(len(self.specs))]
+
+    def param_groups(self) -> list[dict]:
+        """Optimiser parameter groups: one per stack, at its reference lr. Where every head
+        of a stack has the same ``scale * weight_decay`` (one head, or one lr and one decay),
+        AdamW applies the decay itself; otherwise :meth:`decay_` does, per head."""
+        out = []
+        for st in self.stacks:
+            eff = st.scale * st.weight_decay
+            uniform = bool((eff == eff[0]).all())
+            st.own_decay = not uniform
+            out.append({"params": st.stacked(), "lr": st.lr_ref, "weight_decay": float(eff[0]) if uniform else 0.0})
+        return out
+
+    @torch.no_grad()
+    def decay_(self, group_lrs: Sequence[float]) -> None:
+        """Decoupled weight decay, ``p <- p * (1 - lr * wd)`` per head, as AdamW applies it
+        before its update, for the stacks whose heads differ in it (see
+        :meth:`param_groups`); ``group_lrs``: the current lr of each parameter group."""
+        for st, lr in zip(self.stacks, group_lrs, strict=True):
+            if not getattr(st, "own_decay", True) or not bool((st.weight_decay != 0).any()):
+                continue
+            f = 1.0 - lr * st.scale * st.weight_decay
+            for p in st.stacked():
+                p.mul_(st._view(f, p.dim()))
+
+    @torch.no_grad()
+    def clip_grad_per_head_(self, max_norm: float) -> None:
+        """Clip each head's gradient to ``max_norm`` (L2 over that head's parameters, in
+        the head's own units), as ``clip_grad_norm_`` would per head. One read of the
+        gradients for the norms; they are rescaled only where a head's norm is too large."""
+        for st in self.stacks:
+            ps = [p for p in st.stacked() if p.grad is not None]
+            if not ps:
+                continue
+            rows = [r for p in ps for r in p.grad.unbind(0)]  # one tensor per (parameter, head)
+            sq = torch.stack(torch._foreach_norm(rows)).view(len(ps), st.g).square_().sum(0)
+            norm = sq.sqrt_() / st.scale  # stored weights carry 1/scale: their gradients carry scale
+            coef = (max_norm / (norm + 1e-6)).clamp_(max=1.0)
+            if bool((coef < 1.0).any()):
+                for p in ps:
+                    p.grad.mul_(st._view(coef, p.dim()))
 
     def feature_range(self, features: str) -> tuple[int, int]:
         parts = features.split("+")
@@ -125,26 +251,28 @@ class HeadGrid(nn.Module):
         return hid * mask.to(hid.dtype).mul_(inv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty((len(self.heads), x.shape[0], self.num_classes))
-        for (kind, (lo, hi), hidden), idx in self.groups:
+        out = x.new_empty((len(self.specs), x.shape[0], self.num_classes))
+        k = self.num_classes
+        for ((kind, (lo, hi), hidden), idx), st in zip(self.groups, self.stacks, strict=True):
             xs = x[:, lo:hi]
-            heads = [self.heads[i] for i in idx]
             g = len(idx)
             if kind == "linear":
-                w = torch.cat([h.fc.weight for h in heads]) if g > 1 else heads[0].fc.weight
-                b = torch.cat([h.fc.bias for h in heads]) if g > 1 else heads[0].fc.bias
-                out[idx] = F.linear(xs, w, b).view(-1, g, self.num_classes).transpose(0, 1)
+                z = F.linear(xs, st.fc_weight.view(g * k, -1), st.fc_bias.view(-1))
+                if st.scaled:
+                    z = z * st.scale_out
+                out[idx] = z.view(-1, g, k).transpose(0, 1)
                 continue
-            w1 = torch.cat([h.fc1.weight for h in heads]) if g > 1 else heads[0].fc1.weight
-            b1 = torch.cat([h.fc1.bias for h in heads]) if g > 1 else heads[0].fc1.bias
-            hid = F.relu(F.linear(xs, w1, b1))  # (B, g * hidden)
+            z = F.linear(xs, st.fc1_weight.view(g * hidden, -1), st.fc1_bias.view(-1))
+            if st.scaled:
+                z = z * st.scale_hidden
+            hid = F.relu(z)  # (B, g * hidden)
             if self.training:
-                hid = self._dropout(hid, [h.dropout for h in heads], hidden)
+                hid = self._dropout(hid, [self.specs[i].dropout for i in idx], hidden)
             if g == 1:
-                out[idx[0]] = F.linear(hid, heads[0].fc2.weight, heads[0].fc2.bias)
+                z = F.linear(hid, st.fc2_weight[0], st.fc2_bias[0])
+                out[idx[0]] = z * st.scale[0] if st.scaled else z
                 continue
-            w2 = torch.stack([h.fc2.weight.t() for h in heads])  # (g, hidden, K)
-            b2 = torch.stack([h.fc2.bias for h in heads])  # (g, K)
             hid = hid.view(-1, g, hidden).transpose(0, 1)  # (g, B, hidden)
-            out[idx] = torch.baddbmm(b2.unsqueeze(1), hid, w2)
+            z = torch.baddbmm(st.fc2_bias.unsqueeze(1), hid, st.fc2_weight.transpose(1, 2))
+            out[idx] = z * st.scale.view(g, 1, 1) if st.scaled else z
         return out

@@ -104,21 +104,10 @@ class TrainConfig:
         return d
 
 
-@torch.no_grad()
 def clip_per_head(grid: HeadGrid, max_norm: float) -> None:
     """Clip each head's gradient to ``max_norm`` (L2 over that head's parameters), as
-    ``clip_grad_norm_`` would per head, with a few multi-tensor calls for the whole grid."""
-    if not hasattr(grid, "_clip_index"):
-        params = [p for h in grid.heads for p in h.parameters()]
-        owner = [g for g, h in enumerate(grid.heads) for _ in h.parameters()]
-        grid._clip_params, grid._clip_index = params, torch.tensor(owner, device=params[0].device)
-    grads = [p.grad for p in grid._clip_params]
-    if any(g is None for g in grads):
-        return
-    sq = torch.stack(torch._foreach_norm(grads)).square_()
-    per_head = torch.zeros(len(grid.heads), dtype=sq.dtype, device=sq.device).index_add_(0, grid._clip_index, sq)
-    coef = (max_norm / (per_head.sqrt_() + 1e-6)).clamp_(max=1.0)
-    torch._foreach_mul_(grads, list(coef[grid._clip_index].unbind()))
+    ``clip_grad_norm_`` would per head, a few tensor operations per stack of heads."""
+    grid.clip_grad_per_head_(max_norm)
 
 
 def _device(name: str) -> torch.device:
@@ -135,7 +124,7 @@ def grid_logits(grid: HeadGrid, x: np.ndarray | torch.Tensor, device: torch.devi
     grid.eval()
     xt = torch.as_tensor(x, dtype=torch.float32)
     outs = [grid(xt[s:s + chunk].to(device)).float().cpu() for s in range(0, len(xt), chunk)]
-    return torch.cat(outs, dim=1).numpy() if outs else np.zeros((len(grid.heads), 0, grid.num_classes), np.float32)
+    return torch.cat(outs, dim=1).numpy() if outs else np.zeros((len(grid), 0, grid.num_classes), np.float32)
 
 
 def _score(metric: str, labels: np.ndarray, logits: np.ndarray) -> float:
@@ -189,10 +178,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     specs = cfg.grid()
     grid = HeadGrid(specs, cols, num_classes).to(device)
-    # One param group per head (its own lr and weight decay; decay on all its parameters,
-    # as torch's AdamW(head.parameters()) in the users' baseline).
-    groups = [{"params": list(head.parameters()), "lr": spec.lr, "weight_decay": spec.weight_decay}
-              for spec, head in zip(specs, grid.heads, strict=True)]
+    # One param group per stack of heads (its heads' lrs folded into their weights, see
+    # headlab.heads._Stack); each head's own decoupled weight decay is applied by grid.decay_.
+    groups = grid.param_groups()
+    base_lrs = [g["lr"] for g in groups]
     # Fused AdamW (one kernel over all tensors): ~10x less optimiser time than the loop on a CPU.
     opt = create_optimizer_v2(groups, opt="adamw", lr=cfg.lr[0], weight_decay=0.0, fused=True)
     steps_per_epoch = max(1, math.ceil(len(y_train) / cfg.batch_size))
@@ -230,6 +219,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 loss.backward()
                 if cfg.grad_clip > 0:
                     clip_per_head(grid, cfg.grad_clip)
+                grid.decay_([g["lr"] for g in opt.param_groups])
                 opt.step()
                 step += 1
                 sched.step_update(step)
@@ -244,12 +234,12 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             for g in range(G):
                 if scores[g] > best[g]:
                     best[g], best_epoch[g], stale[g] = scores[g], epoch, 0
-                    best_state[g] = {k: v.detach().cpu().clone() for k, v in evaluated.heads[g].state_dict().items()}
+                    best_state[g] = {k: v.cpu().clone() for k, v in evaluated.head_state(g).items()}
                 else:
                     stale[g] += 1
             sign = 1 if HIGHER_IS_BETTER[cfg.select_metric] else -1
             log.write(json.dumps({"epoch": epoch, "train_loss": loss_sum / max(rows, 1), "seconds": train_secs,
-                                  "rows": rows, "lr_scale": opt.param_groups[0]["lr"] / specs[0].lr,
+                                  "rows": rows, "lr_scale": opt.param_groups[0]["lr"] / base_lrs[0],
                                   f"val_select_{cfg.select_metric}": [sign * s for s in scores]}) + "\n")
             log.flush()
             epochs_run = epoch + 1
@@ -261,7 +251,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     final = copy.deepcopy(grid).cpu()
     for g in range(G):
         if best_state[g] is not None:
-            final.heads[g].load_state_dict(best_state[g])
+            final.load_head_state(g, best_state[g])
     return _write_run(cfg, final, specs, best, best_epoch, sel, cal, train_c, val_c, sets, cols, num_classes,
                       train_x, val_x, val_y, epochs_run, streamed, time.perf_counter() - t_start)
 
@@ -278,11 +268,11 @@ def _write_run(cfg, final, specs, best, best_epoch, sel, cal, train_c, val_c, se
         m_sel = classification_metrics(val_y[sel], softmax(vl_sel[g]))
         table.append({"head": g, "name": spec.name, **spec.to_dict(), "best_epoch": best_epoch[g],
                       **{f"val_select_{k}": m_sel[k] for k in METRIC_NAMES}})
-        save_file({k: v.contiguous() for k, v in final.heads[g].state_dict().items()},
+        save_file({k: v.contiguous() for k, v in final.head_state(g).items()},
                   os.path.join(cfg.out, "heads", f"head-{g:03d}.safetensors"),
                   metadata={"spec": json.dumps(spec.to_dict())})
     chosen = int(np.argmax(best))
-    head = final.heads[chosen]
+    head = final.head(chosen)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(cfg.out, "head.safetensors"),
               metadata={"spec": json.dumps(specs[chosen].to_dict())})
 

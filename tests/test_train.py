@@ -189,22 +189,61 @@ def test_train_errors(caches, tmp_path):
         evaluate_run(str(tmp_path / "done"), [caches["test"]])
 
 
+def _grad_in_head_units(grid, g):
+    gi, pos = grid._where[g]
+    st = grid.stacks[gi]
+    return {n: p.grad[pos] / st.scale[pos] for n, p in zip(st.names, st.stacked(), strict=True)}
+
+
 def test_clip_per_head_equals_torch_per_head():
     from headlab.train import clip_per_head
 
-    specs = [HeadSpec("mlp", "cls", 1e-3, 0.01, 0.3), HeadSpec("linear", "cls", 1e-3, 0.01, 0.0),
-             HeadSpec("linear", "cls", 1e-4, 0.01, 0.0)]
-    a = HeadGrid(specs, {"cls": (0, 8)}, 2).eval()
-    b = HeadGrid(specs, {"cls": (0, 8)}, 2).eval()
-    b.load_state_dict(a.state_dict())
+    specs = [HeadSpec("mlp", "cls", 1e-3, 0.01, 0.0), HeadSpec("linear", "cls", 1e-3, 0.01, 0.0),
+             HeadSpec("linear", "cls", 1e-4, 0.01, 0.0), HeadSpec("mlp", "cls", 3e-4, 0.01, 0.0)]
+    grid = HeadGrid(specs, {"cls": (0, 8)}, 2).eval()
+    heads = grid.heads
     x = torch.randn(16, 8) * 50
-    for m in (a, b):
-        (m(x) ** 2).sum().backward()
-    clip_per_head(a, 1.0)
-    for h in b.heads:
+    (grid(x) ** 2).sum().backward()
+    clip_per_head(grid, 1.0)
+    for g, h in enumerate(heads):
+        (h(x) ** 2).sum().backward()
         torch.nn.utils.clip_grad_norm_(h.parameters(), 1.0)
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(pa.grad, pb.grad)
+        got = _grad_in_head_units(grid, g)
+        for n, p in h.named_parameters():
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("hps", [[(1e-2, 0.0), (3e-3, 0.05), (1e-3, 0.5)],  # per-head decay by decay_
+                                 [(1e-2, 0.05), (2e-2, 0.025), (5e-3, 0.1)]])  # same lr*wd: AdamW decays
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_stacked_heads_train_like_separate_adamw(kind, hps):
+    """Heads stacked in one tensor, with their own lr and weight decay, follow the same
+    trajectory as each head trained alone with torch's AdamW(lr, weight_decay)."""
+    from timm.optim import create_optimizer_v2
+
+    torch.manual_seed(0)
+    specs = [HeadSpec(kind, "cls", lr, wd, 0.0, hidden=16) for lr, wd in hps]
+    grid = HeadGrid(specs, {"cls": (0, 8)}, 3).train()
+    heads = grid.heads
+    opt = create_optimizer_v2(grid.param_groups(), opt="adamw", lr=1e-3, weight_decay=0.0, fused=True)
+    refs = [torch.optim.AdamW(h.parameters(), lr=s.lr, weight_decay=s.weight_decay) for h, s in zip(heads, specs, strict=True)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        x, y = torch.randn(32, 8, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(grid(x).reshape(-1, 3), y.repeat(3), reduction="sum").backward()
+        grid.decay_([g["lr"] for g in opt.param_groups])
+        opt.step()
+        for h, o in zip(heads, refs, strict=True):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(h(x), y, reduction="sum").backward()
+            o.step()
+    for g, h in enumerate(heads):
+        got = grid.head_state(g)
+        for n, p in h.state_dict().items():
+            torch.testing.assert_close(got[n], p, rtol=2e-4, atol=2e-5)
+    # the three heads really moved differently (different lr and decay)
+    assert not torch.allclose(grid.head_state(0)[grid.stacks[0].names[0]], grid.head_state(2)[grid.stacks[0].names[0]])
 
 
 def test_grid_dropout_rates_and_scale():
