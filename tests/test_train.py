@@ -249,8 +249,18 @@ def test_stacked_heads_train_like_separate_adamw(kind, hps):
 def test_grid_dropout_rates_and_scale():
     specs = [HeadSpec("mlp", "cls", 1e-3, 0.0, 0.3, hidden=2000), HeadSpec("mlp", "cls", 1e-3, 0.0, 0.7, hidden=2000)]
     grid = HeadGrid(specs, {"cls": (0, 4)}, 2).train()
-    hid = torch.ones(200, 4000)
-    out = grid._dropout(hid, [0.3, 0.7], 2000)
-    kept = (out > 0).float().mean(0)
+    mask, inv = grid._dropout_mask(torch.ones(200, 4000), [0.3, 0.7], 2000)
+    kept = mask.float().mean(0)
     assert abs(kept[:2000].mean() - 0.7) < 0.01 and abs(kept[2000:].mean() - 0.3) < 0.01
-    assert abs(out[:, :2000].mean() - 1.0) < 0.02 and abs(out[:, 2000:].mean() - 1.0) < 0.03
+    torch.testing.assert_close(inv, torch.tensor([1 / 0.7, 1 / 0.3]), rtol=1e-4, atol=0)
+    # inverted dropout keeps the expected output: the mean over many draws of the trained
+    # grid's output approaches the eval-mode output
+    x = torch.randn(4, 4)
+    ev = grid.eval()(x)
+    grid.train()
+    draws = torch.stack([grid(x) for _ in range(3000)])
+    se = draws.std(0) / 3000 ** 0.5
+    assert ((draws.mean(0) - ev).abs() <= 5 * se).all()  # unbiased, up to 5 standard errors
+    assert grid._dropout_mask(torch.ones(2, 4000), [0.0, 0.0], 2000) is None
+
+
