@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import schemas
 from cache import Stage1Error
@@ -244,6 +245,27 @@ def test_stacked_heads_train_like_separate_adamw(kind, hps):
             torch.testing.assert_close(got[n], p, rtol=2e-4, atol=2e-5)
     # the three heads really moved differently (different lr and decay)
     assert not torch.allclose(grid.head_state(0)[grid.stacks[0].names[0]], grid.head_state(2)[grid.stacks[0].names[0]])
+
+
+def test_grid_dropout_gradient_is_exact():
+    """The in-place masking in HeadGrid.forward gives the same gradients as the plain
+    relu(z) * mask / keep written out with autograd."""
+    specs = [HeadSpec("mlp", "cls", 1e-3, 0.0, 0.4, hidden=32), HeadSpec("mlp", "cls", 1e-3, 0.0, 0.2, hidden=32)]
+    grid = HeadGrid(specs, {"cls": (0, 6)}, 3).train()
+    x = torch.randn(20, 6)
+    drop = grid._dropout_mask(torch.zeros(20, 64), [0.4, 0.2], 32)
+    grid._dropout_mask = lambda *a: drop  # the same mask for both computations
+    (grid(x) ** 2).sum().backward()
+    heads = grid.heads
+    mask = drop[0].float()
+    for g, h in enumerate(heads):
+        m = mask[:, 32 * g:32 * (g + 1)]
+        out = F.linear(F.relu(F.linear(x, h.fc1.weight, h.fc1.bias)) * m / (1 - specs[g].dropout),
+                       h.fc2.weight, h.fc2.bias)
+        (out ** 2).sum().backward()
+        got = _grad_in_head_units(grid, g)
+        for n, p in h.named_parameters():
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-3, atol=1e-5)
 
 
 def test_grid_dropout_rates_and_scale():
