@@ -162,20 +162,26 @@ def main() -> None:
     val = write_synthetic_cache(os.path.join(tmp, "val.h5"), 4000, d, seed=1)
     out = {"sizes": {"rows": n, "dim": d, "hidden": h, "batch": batch, "stream_rows": n_stream}}
 
-    # (1) baseline MLP epoch vs its matrix products
-    t_mlp, _ = train_once(tmp, "mlp", train, val, epochs=2, head=["mlp"], lr=[1e-4], batch_size=batch)
-    t_bound = matmul_bound(n, d, h, batch)
-    t_nodrop, _ = train_once(tmp, "mlp-nodrop", train, val, epochs=2, head=["mlp"], lr=[1e-4], batch_size=batch,
-                             dropout=[0.0])
-    t_noema, _ = train_once(tmp, "mlp-noema", train, val, epochs=2, head=["mlp"], lr=[1e-4], batch_size=batch,
-                            dropout=[0.0], ema_decay=0.0, grad_clip=0.0)
+    # (1) baseline MLP epoch vs its matrix products. This VM's speed drifts by 10-25 % over
+    # minutes, so every figure is the best of two rounds taken alternately.
     big = 4 * batch  # the same epoch at a larger batch: per-update weight passes amortised over more rows
-    t_big, _ = train_once(tmp, "mlp-big", train, val, epochs=2, head=["mlp"], lr=[1e-4], batch_size=big)
-    t_bound_big = matmul_bound(n, d, h, big)
+    runs: dict[str, list[float]] = {}
+    for r in range(2):
+        for name, kw in [("mlp", {}), ("mlp-nodrop", {"dropout": [0.0]}),
+                         ("mlp-noema", {"dropout": [0.0], "ema_decay": 0.0, "grad_clip": 0.0}),
+                         ("mlp-big", {"batch_size": big})]:
+            t, _ = train_once(tmp, f"{name}-{r}", train, val, epochs=2, head=["mlp"], lr=[1e-4],
+                              **{"batch_size": batch, **kw})
+            runs.setdefault(name, []).append(t)
+        runs.setdefault("bound", []).append(matmul_bound(n, d, h, batch))
+        runs.setdefault("bound-big", []).append(matmul_bound(n, d, h, big))
+    best = {k: min(v) for k, v in runs.items()}
+    t_mlp, t_nodrop, t_noema, t_big = best["mlp"], best["mlp-nodrop"], best["mlp-noema"], best["mlp-big"]
+    t_bound, t_bound_big = best["bound"], best["bound-big"]
     flops = n * (2 * d * h * 2 + 2 * h * 2 * 3)
     out["mlp_epoch"] = {"epoch_s": t_mlp, "matmul_bound_s": t_bound, "ratio": t_mlp / t_bound,
                         "bound_gflops": flops / t_bound / 1e9, "target_ratio_max": 1.3,
-                        "without_dropout_s": t_nodrop, "without_dropout_ema_clip_s": t_noema,
+                        "without_dropout_s": t_nodrop, "without_dropout_ema_clip_s": t_noema, "rounds": runs,
                         f"batch{big}": {"epoch_s": t_big, "matmul_bound_s": t_bound_big, "ratio": t_big / t_bound_big}}
     print(f"(1) MLP epoch {t_mlp:.2f} s; its matrix products alone {t_bound:.2f} s "
           f"({flops / t_bound / 1e9:.0f} GFLOP/s): ratio {t_mlp / t_bound:.2f} (target <= 1.3); "
@@ -194,11 +200,16 @@ def main() -> None:
     print(f"(2) per-sample Dataset+DataLoader epoch: in-memory tensor {t_dl:.2f} s (ours {t_dl / t_mlp:.2f}x faster), "
           f"HDF5 row reads {t_h5:.2f} s (ours {t_h5 / t_mlp:.2f}x faster) (target >= 3)")
 
-    # (3) 16 linear heads vs 1
-    t_one, _ = train_once(tmp, "lin1", train, val, epochs=2, head=["linear"], lr=[1e-3], batch_size=batch)
-    t_16, _ = train_once(tmp, "lin16", train, val, epochs=2, head=["linear"], batch_size=batch,
-                         lr=[1e-4, 3e-4, 1e-3, 3e-3], weight_decay=[0.0, 0.01, 0.05, 0.1])
-    out["grid16_linear"] = {"one_s": t_one, "sixteen_s": t_16, "ratio": t_16 / t_one, "target_ratio_max": 2.0}
+    # (3) 16 linear heads vs 1 (best of two alternating rounds)
+    one, sixteen = [], []
+    for r in range(2):
+        one.append(train_once(tmp, f"lin1-{r}", train, val, epochs=2, head=["linear"], lr=[1e-3],
+                              batch_size=batch)[0])
+        sixteen.append(train_once(tmp, f"lin16-{r}", train, val, epochs=2, head=["linear"], batch_size=batch,
+                                  lr=[1e-4, 3e-4, 1e-3, 3e-3], weight_decay=[0.0, 0.01, 0.05, 0.1])[0])
+    t_one, t_16 = min(one), min(sixteen)
+    out["grid16_linear"] = {"one_s": t_one, "sixteen_s": t_16, "ratio": t_16 / t_one, "target_ratio_max": 2.0,
+                            "rounds": {"one": one, "sixteen": sixteen}}
     print(f"(3) 16 linear heads {t_16:.2f} s vs one {t_one:.2f} s: ratio {t_16 / t_one:.2f} (target <= 2)")
 
     # (4) streaming 2M x 1024 with a 1 GB budget, vs in memory
