@@ -143,12 +143,17 @@ class BatchPreprocessor:
     from several threads: they share one nvImageCodec decoder, one batch at a time (the
     JPEG engines measured slower when several decoders fed them at once)."""
 
-    def __init__(self, recipe: Preprocessing, device: torch.device, *, decoder: str = "nvjpeg") -> None:
+    def __init__(self, recipe: Preprocessing, device: torch.device, *, decoder: str = "nvjpeg",
+                 reuse_images: bool = False) -> None:
         if decoder not in BATCH_DECODERS:
             raise ValueError(f"decoder must be one of {BATCH_DECODERS}, got {decoder!r}")
         if decoder == "nvimgcodec" and nvimgcodec() is None:
             raise Stage1Error("nvImageCodec is not installed: pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'")
         self.recipe, self.device, self.decoder = recipe, device, decoder
+        # nvImageCodec: decode into the previous batch's output images of this thread (no
+        # device frees between batches); ordered by the thread's CUDA stream
+        self.reuse_images = reuse_images
+        self._local = threading.local()
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
         self._fp32_out = True
@@ -210,7 +215,13 @@ class BatchPreprocessor:
                 self._nv_decoder = _make_nvimgcodec_decoder(self.device)
                 # EXIF-rotated files never get here (needs_cpu): decode the stored orientation
                 self._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
-            imgs = self._nv_decoder.decode(streams, params=self._nv_params, cuda_stream=stream)
+            pool = getattr(self._local, "images", None) if self.reuse_images else None
+            reuse = {"images": pool[:len(streams)]} if pool is not None and len(pool) >= len(streams) else {}
+            imgs = self._nv_decoder.decode(streams, params=self._nv_params, cuda_stream=stream, **reuse)
+        if self.reuse_images:
+            kept = [im for im in imgs if im is not None]
+            if pool is None or len(kept) >= len(pool):
+                self._local.images = kept
         for k, im in zip(pos, imgs, strict=True):
             if im is None or im.num_channels != 3:
                 continue

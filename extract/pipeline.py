@@ -39,7 +39,7 @@ def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | 
 
 def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Preprocessing, device: torch.device,
                 *, decoder: str = "nvjpeg", readers: int = 8, threads: int = 8, decoders: int = 4,
-                prefetch: int = 6) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
+                prefetch: int = 6, reuse_images: bool = False) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
     """Yield ``(indices, x on device, sha256s, failures)`` per batch, in order.
 
     ``decoders`` threads prepare batches concurrently (each on its own CUDA stream), up to
@@ -47,7 +47,7 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
     ``readers`` worker processes (:mod:`extract.readers`; threads where that is not
     possible), odd files are decoded on the CPU in a pool of ``threads``. ``decoder``: the batch decoder (:data:`extract.batch_decode.BATCH_DECODERS`).
     """
-    bp = BatchPreprocessor(recipe, device, decoder=decoder)
+    bp = BatchPreprocessor(recipe, device, decoder=decoder, reuse_images=reuse_images)
     tf = recipe.transform()
     reader = ReaderPool(readers, threads=threads)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage1-cpu-decode")

@@ -60,6 +60,23 @@ def test_nvimgcodec_decodes_what_pil_decodes(digits_small):
     assert out[0] is None and out[2] is not None
 
 
+def test_nvimgcodec_reused_output_images_stay_correct(digits_small):
+    """Decoding into the previous batch's images gives the same pixels as fresh images."""
+    files = [f for f in _jpegs(digits_small) if not os.path.basename(f).startswith("broken")]
+    datas = [bytearray(open(f, "rb").read()) for f in files]
+    datas = [d for d in datas if not needs_cpu(d)]
+    fresh = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    reuse = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", reuse_images=True)
+    half = len(datas) // 2
+    for batch in (datas[:half], datas[half:], datas[:half][::-1]):
+        a = [t.clone() for t in fresh._decode_nvimgcodec(batch)]
+        b = [t.clone() for t in reuse._decode_nvimgcodec(batch)]
+        assert len(a) == len(b) == len(batch)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+    assert reuse._local.images  # the pool is kept between batches
+
+
 def test_decoder_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_batch_decoder("auto", cpu) == "pil"
