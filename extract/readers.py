@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cache.errors import Stage1Error
 from extract.jpeg_header import needs_cpu
 
 SHM_DIR = "/dev/shm"
@@ -54,9 +55,20 @@ def read_one(file: str) -> FileRead:
     return FileRead(data, hashlib.sha256(data).hexdigest(), None, needs_cpu(data))
 
 
-def _read_chunk_to_shm(task: tuple[int, str, Sequence[str]]) -> tuple[int, str | None, list]:
+SHM_RESERVE = 256 << 20  # leave this much of /dev/shm free (others use it too)
+
+
+def _shm_free() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def _read_chunk_to_shm(task: tuple[int, str, Sequence[str]]) -> tuple[int, str | bytearray | None, list]:
     """Worker: read the files of one chunk into one new shared-memory file.
-    Returns ``(task id, shm path or None, [(offset, size, sha256, reason, cpu), ...])``."""
+    Returns ``(task id, shm path, [(offset, size, sha256, reason, cpu), ...])``; the path
+    is None when nothing was read, and the bytes themselves (sent through the pipe) when
+    ``/dev/shm`` is too full to hold them: a small ``/dev/shm`` (containers often get
+    64 MB) must slow extraction down, not kill it with SIGBUS."""
     tid, prefix, files = task
     sizes, meta = [], []
     for f in files:
@@ -69,7 +81,9 @@ def _read_chunk_to_shm(task: tuple[int, str, Sequence[str]]) -> tuple[int, str |
     total = sum(max(s, 0) for s in sizes)
     path = f"{prefix}-{tid}" if total else None
     mm = None
-    if path:
+    if path and _shm_free() < total + SHM_RESERVE:
+        path = mm = bytearray(total)
+    elif path:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, total)
@@ -105,7 +119,7 @@ def _read_chunk_to_shm(task: tuple[int, str, Sequence[str]]) -> tuple[int, str |
             view.release()
             off += size
     finally:
-        if mm is not None:
+        if isinstance(mm, mmap.mmap):
             mm.close()
     return tid, path, meta
 
@@ -217,11 +231,13 @@ class ReaderPool:
             except TimeoutError:
                 dead = [p for p in self.procs if not p.is_alive()]
                 if not self._collector.is_alive():
-                    raise RuntimeError("file reader pool stopped; re-run the command: finished shards are kept"
-                                       ) from None
+                    raise Stage1Error("file reader pool stopped; re-run the command: finished shards are kept"
+                                      ) from None
                 if dead:
-                    raise RuntimeError(f"file reader process {dead[0].name} died (exit code {dead[0].exitcode}); "
-                                       "re-run the command: finished shards are kept") from None
+                    hint = (" (SIGBUS: /dev/shm ran out; give it more room, e.g. docker --shm-size 8g, "
+                            "or read in threads with --workers 0)" if dead[0].exitcode == -7 else "")
+                    raise Stage1Error(f"file reader process {dead[0].name} died (exit code {dead[0].exitcode})"
+                                       f"{hint}; re-run the command: finished shards are kept") from None
 
     def _collect(self) -> None:
         while True:
@@ -233,9 +249,11 @@ class ReaderPool:
                 fut, k, slots = self._futures.pop(tid)
             try:
                 if isinstance(meta, str):
-                    raise RuntimeError(f"reader process failed: {meta}")
+                    raise Stage1Error(f"a file reader process failed: {meta}; re-run the command: finished shards are kept")
                 mv = None
-                if path is not None:
+                if isinstance(path, bytearray):  # sent inline: /dev/shm was too full
+                    mv = memoryview(path)
+                elif path is not None:
                     fd = os.open(path, os.O_RDONLY)
                     try:
                         size = os.fstat(fd).st_size

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from cache.errors import Stage1Error
 from extract import readers
 from extract.readers import ReaderPool, read_one
 
@@ -56,6 +57,24 @@ def test_reader_pool_matches_plain_reads(files, processes):
     assert _shm_files() == before  # every shared-memory file was unlinked once mapped
 
 
+def test_full_shared_memory_falls_back_to_the_pipe(files, monkeypatch):
+    """A /dev/shm too small for a chunk (containers often have 64 MB): bytes come through
+    the pipe instead, same results, no shared-memory file written."""
+    monkeypatch.setattr(readers, "_shm_free", lambda: 0)
+    before = _shm_files()
+    pool = ReaderPool(2, chunk=64)
+    try:
+        got = pool.result(pool.submit(files))
+    finally:
+        pool.close()
+    for f, r in zip(files, got, strict=True):
+        ref = read_one(f)
+        assert r.reason == ref.reason and r.sha256 == ref.sha256
+        if ref.reason is None:
+            assert bytes(r.data) == bytes(ref.data)
+    assert _shm_files() == before
+
+
 def test_stale_shared_memory_of_dead_process_is_removed(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "SHM_DIR", str(tmp_path))
     dead = tmp_path / "stage1-read-999999999-abc-1"  # no such pid
@@ -72,7 +91,7 @@ def test_dead_reader_process_raises_instead_of_hanging(files):
         pool.procs[0].kill()
         pool.procs[0].join()
         fut = pool.submit(files[:10])
-        with pytest.raises(RuntimeError, match="file reader process .* died .* re-run the command"):
+        with pytest.raises(Stage1Error, match="file reader process .* died .* re-run the command"):
             pool.result(fut)
     finally:
         pool.close()
