@@ -17,6 +17,7 @@ Writes extract_overlap.json to --out (default benchmarks/results).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,24 +31,34 @@ from benchmarks._common import machine  # noqa: E402
 from benchmarks.extract_bench import build_images, save_model  # noqa: E402
 
 
+def on(stream):
+    """``torch.cuda.stream(stream)``, or nothing on a CPU smoke run."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def sync(stream) -> None:
+    if stream is not None:
+        stream.synchronize()
+
+
 def decode_loop(bp, chunks, stop: threading.Event, counter: list, stream) -> None:
-    with torch.cuda.stream(stream):
+    with on(stream):
         k = 0
         while not stop.is_set():
             imgs, _ = bp.decode(chunks[k % len(chunks)])
             bp.transform([im for im in imgs if im is not None])
             counter[0] += len(chunks[k % len(chunks)])
             k += 1
-            stream.synchronize()
+            sync(stream)
 
 
 def run_model(f, x, seconds: float, stream) -> float:
     done, t0 = 0, time.perf_counter()
-    with torch.cuda.stream(stream), torch.inference_mode():
+    with on(stream), torch.inference_mode():
         while time.perf_counter() - t0 < seconds:
             f(x)
             done += len(x)
-        stream.synchronize()
+        sync(stream)
     return done / (time.perf_counter() - t0)
 
 
@@ -59,6 +70,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--work", default="/tmp/stage1-extract-bench")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (no streams, no compile)")
     args = ap.parse_args()
     from extract.backbone import load_backbone
     from extract.batch_decode import BatchPreprocessor, has_jpeg_engines
@@ -71,15 +83,18 @@ def main() -> None:
     files = [line.split(",")[0] for line in open(csv)][:args.n]
     datas = [bytearray(open(os.path.join(root, f), "rb").read()) for f in files]
     chunks = [datas[s:s + 256] for s in range(0, len(datas), 256)]
-    dev = torch.device("cuda")
-    bb = load_backbone(f"hf:{save_model(args.model, args.work)}").to(dev, torch.bfloat16)
-    f = torch.compile(bb, dynamic=False)
-    x = torch.randn(args.batch, 3, 224, 224, device=dev, dtype=torch.bfloat16)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    bb = load_backbone(f"hf:{save_model(args.model, args.work)}").to(dev, dtype)
+    f = torch.compile(bb, dynamic=False) if cuda else bb
+    x = torch.randn(args.batch, 3, 224, 224, device=dev, dtype=dtype)
     with torch.inference_mode():
         for _ in range(3):
             f(x)
-    torch.cuda.synchronize()
-    default, side = torch.cuda.default_stream(dev), torch.cuda.Stream(dev)
+    default = torch.cuda.default_stream(dev) if cuda else None
+    side = torch.cuda.Stream(dev) if cuda else None
+    sync(default)
     res: dict = {"machine": machine(), "model": args.model, "batch": args.batch, "n": args.n}
     res["model_alone_img_s"] = run_model(f, x, args.seconds, default)
     print(f"model alone: {res['model_alone_img_s']:.0f} img/s", flush=True)
@@ -89,8 +104,8 @@ def main() -> None:
         bp = BatchPreprocessor(Preprocessing(), dev, decoder=dec, reuse_images=reuse)
         for _ in range(2):  # warm up: decoder, GEMM plans
             bp.transform([im for im in bp.decode(chunks[0])[0] if im is not None])
-        torch.cuda.synchronize()
-        stop, count, dstream = threading.Event(), [0], torch.cuda.Stream(dev)
+        sync(default)
+        stop, count, dstream = threading.Event(), [0], torch.cuda.Stream(dev) if cuda else None
         th = threading.Thread(target=decode_loop, args=(bp, chunks, stop, count, dstream))
         t0 = time.perf_counter()
         th.start()
