@@ -250,8 +250,9 @@ def test_stacked_heads_train_like_separate_adamw(kind, hps):
 def test_grid_dropout_gradient_is_exact():
     """The in-place masking in HeadGrid.forward gives the same gradients as the plain
     relu(z) * mask / keep written out with autograd."""
-    specs = [HeadSpec("mlp", "cls", 1e-3, 0.0, 0.4, hidden=32), HeadSpec("mlp", "cls", 1e-3, 0.0, 0.2, hidden=32)]
+    specs = [HeadSpec("mlp", "cls", 1e-3, 0.0, 0.4, hidden=32), HeadSpec("mlp", "cls", 3e-4, 0.0, 0.2, hidden=32)]
     grid = HeadGrid(specs, {"cls": (0, 6)}, 3).train()
+    assert grid.stacks[0].scaled  # different lrs: the lr-scale path is covered too
     x = torch.randn(20, 6)
     drop = grid._dropout_mask(torch.zeros(20, 64), [0.4, 0.2], 32)
     grid._dropout_mask = lambda *a: drop  # the same mask for both computations
