@@ -214,7 +214,10 @@ def _choose_decoder(cfg: ExtractConfig, device: torch.device) -> str:
                 started = json.load(fh)["provenance"]["preprocessing"]["decoder"]
         except (OSError, ValueError, KeyError, TypeError):
             started = None
-        if started in BATCH_DECODERS and device.type == "cuda":
+        if started in BATCH_DECODERS and device.type != "cuda":
+            raise Stage1Error(f"{cfg.out}: this cache was started with --decoder {started}, which needs a CUDA "
+                              "device (the decoder is part of the fingerprint); resume it on a GPU, or use another --out")
+        if started in BATCH_DECODERS:
             try:
                 return resolve_batch_decoder(started, device)
             except Stage1Error:

@@ -171,3 +171,16 @@ def test_gemm_resize_reproduces_pil(preset):
         got = ((got * std + mean) * 255).round().permute(1, 2, 0).numpy().astype(int)
         d = np.abs(got - ref)
         assert d.max() <= 1 and (d > 0).mean() < 0.03, (a.shape, d.max(), (d > 0).mean())
+
+
+def test_resume_of_a_gpu_decoded_cache_on_a_cpu_is_refused(digits_small, tiny_hf, tmp_path):
+    import json
+
+    from extract.run import ExtractConfig, run_extract
+
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "extract.json").write_text(json.dumps({"provenance": {"preprocessing": {"decoder": "nvimgcodec"}}}))
+    with pytest.raises(Stage1Error, match="started with --decoder nvimgcodec, which needs a CUDA device"):
+        run_extract(ExtractConfig(images=[digits_small["root"]], labels=[digits_small["train"]], backbone=tiny_hf,
+                                  out=str(out), device="cpu", progress=False))
