@@ -69,7 +69,8 @@ class _Stack(nn.Module):
     multiplies the layer outputs back by ``scale``; with one AdamW learning rate
     ``lr_ref`` for the stack, each head then moves at its own ``lr`` (Adam's step does not
     depend on the gradient's scale; epsilon acts as ``eps / scale``, negligible at 1e-8).
-    Decoupled weight decay, which does depend on the head, is applied by
+    Decoupled weight decay, which does depend on the head, is applied by AdamW itself
+    where ``scale * weight_decay`` is the same for every head of the stack, else by
     :meth:`HeadGrid.decay_`, one multiply per stacked tensor.
     """
 
