@@ -4,8 +4,9 @@
   through shared memory (:mod:`extract.readers`), off the GIL of the decode and model
   threads;
 * batched JPEG decode (the GPU's JPEG engines through nvImageCodec, or nvJPEG) +
-  resize/crop/normalise on the GPU in producer threads, each on its own CUDA stream, a few batches ahead (:mod:`extract.batch_decode`); odd files are
-  decoded per image on the CPU in the same pool, never stopping the batch;
+  resize/crop/normalise on the GPU in producer threads, each on its own CUDA stream, a
+  few batches ahead (:mod:`extract.batch_decode`); odd files are decoded per image on
+  the CPU in a thread pool, never stopping the batch;
 * the model in bf16, optionally ``torch.compile``d, on a static batch shape (the last
   batch is padded);
 * features copied to pinned host memory without blocking and written to HDF5 by a
@@ -39,13 +40,15 @@ def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | 
 
 def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Preprocessing, device: torch.device,
                 *, decoder: str = "nvjpeg", readers: int = 8, threads: int = 8, decoders: int = 4,
-                prefetch: int = 6, reuse_images: bool = False) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
+                prefetch: int = 6, reuse_images: bool = False
+                ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
     """Yield ``(indices, x on device, sha256s, failures)`` per batch, in order.
 
     ``decoders`` threads prepare batches concurrently (each on its own CUDA stream), up to
     ``prefetch`` batches ahead of the consumer; reads, hashing and header checks run in
     ``readers`` worker processes (:mod:`extract.readers`; threads where that is not
-    possible), odd files are decoded on the CPU in a pool of ``threads``. ``decoder``: the batch decoder (:data:`extract.batch_decode.BATCH_DECODERS`).
+    possible), odd files are decoded on the CPU in a pool of ``threads``. ``decoder``: the
+    batch decoder (:data:`extract.batch_decode.BATCH_DECODERS`).
     """
     bp = BatchPreprocessor(recipe, device, decoder=decoder, reuse_images=reuse_images)
     tf = recipe.transform()

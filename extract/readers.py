@@ -249,7 +249,8 @@ class ReaderPool:
                 fut, k, slots = self._futures.pop(tid)
             try:
                 if isinstance(meta, str):
-                    raise Stage1Error(f"a file reader process failed: {meta}; re-run the command: finished shards are kept")
+                    raise Stage1Error(f"a file reader process failed: {meta}; "
+                                      "re-run the command: finished shards are kept")
                 mv = None
                 if isinstance(path, bytearray):  # sent inline: /dev/shm was too full
                     mv = memoryview(path)
