@@ -180,7 +180,7 @@ def nvimgcodec_alone(root: str, csv: str, n: int = 4096, batch: int = 256, threa
     files = [line.split(",")[0] for line in open(csv)][:n]
     data = [open(os.path.join(root, f), "rb").read() for f in files]
     params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
-    decs = [_make_nvimgcodec_decoder(torch.device("cuda"), hardware_only=True) for _ in range(threads)]
+    decs = [_make_nvimgcodec_decoder(torch.device("cuda"), kind="hardware") for _ in range(threads)]
     chunks = [data[s:s + batch] for s in range(0, n, batch)]
 
     def work(k: int) -> int:

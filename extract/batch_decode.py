@@ -80,10 +80,13 @@ def nvimgcodec() -> ModuleType | None:
     return _NVIMGCODEC[0]
 
 
-def _make_nvimgcodec_decoder(device: torch.device, *, hardware_only: bool = False):
+def _make_nvimgcodec_decoder(device: torch.device, *, kind: str = "any"):
+    """An nvImageCodec decoder. ``kind``: ``'hardware'`` (the JPEG engines only),
+    ``'cuda'`` (nvImageCodec's CUDA decoder only), or ``'any'`` (both, engines first)."""
     n = nvimgcodec()
     if device.type == "cuda":
-        kinds = [n.BackendKind.HW_GPU_ONLY] + ([] if hardware_only else [n.BackendKind.GPU_ONLY])
+        kinds = {"hardware": [n.BackendKind.HW_GPU_ONLY], "cuda": [n.BackendKind.GPU_ONLY],
+                 "any": [n.BackendKind.HW_GPU_ONLY, n.BackendKind.GPU_ONLY]}[kind]
         dev = device.index if device.index is not None else torch.cuda.current_device()
     else:
         kinds, dev = [n.BackendKind.CPU_ONLY], n.NVIMGCODEC_DEVICE_CPU_ONLY
@@ -91,11 +94,22 @@ def _make_nvimgcodec_decoder(device: torch.device, *, hardware_only: bool = Fals
         return n.Decoder(device_id=dev, backends=[n.Backend(k) for k in kinds])
 
 
+_ENGINES: dict[int, bool] = {}  # device index -> answer of the probe
+
+
 def has_jpeg_engines(device: torch.device) -> bool:
     """True where nvImageCodec is installed and decodes a JPEG on the GPU's hardware JPEG
-    engines (A100/H100/H200 class), probed by decoding one small image."""
+    engines (A100/H100/H200 class), probed once per device by decoding one small image
+    (making a decoder costs up to a second)."""
     if device.type != "cuda" or nvimgcodec() is None:
         return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ENGINES:
+        _ENGINES[index] = _probe_jpeg_engines(torch.device("cuda", index))
+    return _ENGINES[index]
+
+
+def _probe_jpeg_engines(device: torch.device) -> bool:
     import io
 
     from PIL import Image
@@ -103,7 +117,7 @@ def has_jpeg_engines(device: torch.device) -> bool:
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 120, 40)).save(buf, format="JPEG", quality=90)
     try:
-        dec = _make_nvimgcodec_decoder(device, hardware_only=True)
+        dec = _make_nvimgcodec_decoder(device, kind="hardware")
         with _quiet_stderr():
             out = dec.decode([nvimgcodec().CodeStream(buf.getvalue())])
         return out[0] is not None
@@ -158,7 +172,8 @@ class BatchPreprocessor:
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
         self._fp32_out = True
         self._nv_lock = threading.Lock()
-        self._nv_decoder = self._nv_params = None
+        self._nv_decoder = self._nv_params = self._nv_fallback = None
+        self._nv_engines: bool | None = None  # hardware JPEG engines answer (probed on first use)
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255.0
 
@@ -212,12 +227,33 @@ class BatchPreprocessor:
         stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
         with self._nv_lock:
             if self._nv_decoder is None:
-                self._nv_decoder = _make_nvimgcodec_decoder(self.device)
+                # Beside the model, a decoder that may use both the engines and the CUDA decoder
+                # finished one batch a second (benchmarks/NOTES.md, H200): its work waited for
+                # all compute queued on the GPU. One with the engines alone kept its rate, so
+                # the batch goes to the engines alone and only what they refuse goes further.
+                self._nv_engines = has_jpeg_engines(self.device)
+                self._nv_decoder = _make_nvimgcodec_decoder(
+                    self.device, kind="hardware" if self._nv_engines else "cuda")
                 # EXIF-rotated files never get here (needs_cpu): decode the stored orientation
                 self._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
             pool = getattr(self._local, "images", None) if self.reuse_images else None
             reuse = {"images": pool[:len(streams)]} if pool is not None and len(pool) >= len(streams) else {}
-            imgs = self._nv_decoder.decode(streams, params=self._nv_params, cuda_stream=stream, **reuse)
+            imgs = list(self._nv_decoder.decode(streams, params=self._nv_params, cuda_stream=stream, **reuse))
+            left = [k for k, im in enumerate(imgs) if im is None]
+            if left and self._nv_engines and self._nv_fallback is not False:
+                # e.g. progressive JPEGs: a decoder that may also use the CUDA decoder; where
+                # none can be made (seen: "Could not create decoder" for the CUDA decoder
+                # alone), these images take the per-image CPU path
+                if self._nv_fallback is None:
+                    try:
+                        self._nv_fallback = _make_nvimgcodec_decoder(self.device, kind="any")
+                    except RuntimeError:
+                        self._nv_fallback = False
+                if self._nv_fallback is not False:
+                    again = self._nv_fallback.decode([streams[k] for k in left], params=self._nv_params,
+                                                     cuda_stream=stream)
+                    for k, im in zip(left, again, strict=True):
+                        imgs[k] = im
         if self.reuse_images:
             kept = [im for im in imgs if im is not None]
             if pool is None or len(kept) >= len(pool):

@@ -9,6 +9,7 @@ shard, so a resumed run computes exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -355,47 +356,53 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
             source=[it.source for it in items], group=[it.group or h for it, h in zip(items, shas, strict=True)],
             index=idx)
 
+    # The model runs on a stream of its own, never the legacy default stream: work on that
+    # one waits for all work on blocking streams (the JPEG decoders' internal ones among
+    # them), which serialised decoding with the model (benchmarks/NOTES.md).
+    model_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    stream_ctx = torch.cuda.stream(model_stream) if model_stream is not None else contextlib.nullcontext()
     t0 = time.perf_counter()
     t_first = None
     try:
-        for (idx, x, shas, failed), k in zip(source, batch_shard, strict=True):
-            if k != current:
-                if current >= 0:
-                    submit(finish_shard)
-                submit(open_shard, k)
-                current = k
-            if failed:
-                submit(add_failures, failed)
-                for _, reason in failed:
-                    reasons[reason.split(":")[0]] += 1
-                failures_new += len(failed)
-            if idx:
-                m = len(idx)
-                x = x.to(device, non_blocking=True)
-                if compile_on and m < batch_size:  # static shapes: pad the last batch
-                    x = torch.cat([x, x.new_zeros((batch_size - m, *x.shape[1:]))])
-                with torch.inference_mode():
-                    feats = forward(x.to(model_dtype))
-                if device.type == "cuda":
-                    host = {s: torch.empty((m, backbone.embed_dim), dtype=torch_store, pin_memory=True)
-                            for s in cfg.feature_sets}
-                    for s in cfg.feature_sets:
-                        host[s].copy_(feats[s][:m].to(torch_store), non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                else:
-                    host = {s: feats[s][:m].float() for s in cfg.feature_sets}
-                    event = None
-                submit(add_rows, idx, shas, host, event)
-                rows_written += m
-            if t_first is None:
-                t_first = time.perf_counter()
-            bar.update(len(idx) + len(failed))
-        if current >= 0:
-            submit(finish_shard)
-        if io is not None:
-            io.close()
-            io = None
+        with stream_ctx:
+            for (idx, x, shas, failed), k in zip(source, batch_shard, strict=True):
+                if k != current:
+                    if current >= 0:
+                        submit(finish_shard)
+                    submit(open_shard, k)
+                    current = k
+                if failed:
+                    submit(add_failures, failed)
+                    for _, reason in failed:
+                        reasons[reason.split(":")[0]] += 1
+                    failures_new += len(failed)
+                if idx:
+                    m = len(idx)
+                    x = x.to(device, non_blocking=True)
+                    if compile_on and m < batch_size:  # static shapes: pad the last batch
+                        x = torch.cat([x, x.new_zeros((batch_size - m, *x.shape[1:]))])
+                    with torch.inference_mode():
+                        feats = forward(x.to(model_dtype))
+                    if device.type == "cuda":
+                        host = {s: torch.empty((m, backbone.embed_dim), dtype=torch_store, pin_memory=True)
+                                for s in cfg.feature_sets}
+                        for s in cfg.feature_sets:
+                            host[s].copy_(feats[s][:m].to(torch_store), non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                    else:
+                        host = {s: feats[s][:m].float() for s in cfg.feature_sets}
+                        event = None
+                    submit(add_rows, idx, shas, host, event)
+                    rows_written += m
+                if t_first is None:
+                    t_first = time.perf_counter()
+                bar.update(len(idx) + len(failed))
+            if current >= 0:
+                submit(finish_shard)
+            if io is not None:
+                io.close()
+                io = None
     except BaseException:
         if io is not None:
             try:

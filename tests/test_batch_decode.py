@@ -184,3 +184,34 @@ def test_resume_of_a_gpu_decoded_cache_on_a_cpu_is_refused(digits_small, tiny_hf
     with pytest.raises(Stage1Error, match="started with --decoder nvimgcodec, which needs a CUDA device"):
         run_extract(ExtractConfig(images=[digits_small["root"]], labels=[digits_small["train"]], backbone=tiny_hf,
                                   out=str(out), device="cpu", progress=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvimgcodec_on_gpu_decodes_progressive_and_baseline_jpegs(digits_small):
+    """The batch goes to the JPEG engines alone where there are some; what they refuse
+    (progressive files, on engines that take only baseline ones) goes to a decoder that may
+    use the CUDA decoder too, else to the per-image CPU path: no file is lost, and what is
+    decoded on the GPU is close to PIL's pixels."""
+    import io
+
+    from PIL import Image
+
+    bd.nvimgcodec() or pytest.skip("nvImageCodec not installed")
+    files = [f for f in _jpegs(digits_small) if not os.path.basename(f).startswith("broken")]
+    pils, datas = [], []
+    for k, f in enumerate(files[:12]):
+        im = Image.open(f).convert("RGB").resize((320, 240))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90, progressive=bool(k % 2))
+        datas.append(bytearray(buf.getvalue()))
+        pils.append(torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))).permute(2, 0, 1))
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cuda"), decoder="nvimgcodec")
+    imgs, cpu = bp.decode(datas)
+    print(f"engines: {bp._nv_engines}; second decoder: {bp._nv_fallback}; to the CPU: {cpu}")
+    assert all((imgs[i] is None) == (i in cpu) for i in range(len(datas)))
+    assert all(imgs[i] is not None for i in range(0, len(datas), 2))  # the baseline JPEGs
+    for im, ref in zip(imgs, pils, strict=True):
+        if im is not None:
+            diff = (im.cpu().int() - ref.int()).abs().float()
+            assert im.shape == ref.shape and diff.mean() < 1.5, float(diff.mean())
