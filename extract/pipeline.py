@@ -39,7 +39,7 @@ def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | 
 
 
 def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Preprocessing, device: torch.device,
-                *, decoder: str = "nvjpeg", readers: int = 8, threads: int = 8, decoders: int = 4,
+                *, decoder: str = "nvjpeg", readers: int | ReaderPool = 8, threads: int = 8, decoders: int = 4,
                 prefetch: int = 6, reuse_images: bool = False
                 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
     """Yield ``(indices, x on device, sha256s, failures)`` per batch, in order.
@@ -47,12 +47,13 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
     ``decoders`` threads prepare batches concurrently (each on its own CUDA stream), up to
     ``prefetch`` batches ahead of the consumer; reads, hashing and header checks run in
     ``readers`` worker processes (:mod:`extract.readers`; threads where that is not
-    possible), odd files are decoded on the CPU in a pool of ``threads``. ``decoder``: the
+    possible), or in a :class:`ReaderPool` the caller made (and closes), odd files are decoded on the CPU in a pool of ``threads``. ``decoder``: the
     batch decoder (:data:`extract.batch_decode.BATCH_DECODERS`).
     """
     bp = BatchPreprocessor(recipe, device, decoder=decoder, reuse_images=reuse_images)
     tf = recipe.transform()
-    reader = ReaderPool(readers, threads=threads)
+    own_reader = not isinstance(readers, ReaderPool)
+    reader = ReaderPool(readers, threads=threads) if own_reader else readers
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage1-cpu-decode")
     dec = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="stage1-decode")
     local = threading.local()
@@ -118,7 +119,8 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
             j.cancel()
         dec.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=False, cancel_futures=True)
-        reader.close()
+        if own_reader:
+            reader.close()
 
 
 class _null:

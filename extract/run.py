@@ -236,9 +236,25 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     duplicated). Raises :class:`Stage1Error` on bad input (nothing already written is
     touched).
     """
+    cfg.validate()
+    readers = None
+    if resolve_device(cfg.device).type == "cuda" and cfg.decoder != "pil" and cfg.workers > 0:
+        # The reader processes start now, while this process is small: a fork copies the
+        # page tables of the parent's memory, so forking them after the model is loaded
+        # and compiled made the first batch seconds late (benchmarks/reader_start.py).
+        from extract.readers import ReaderPool
+
+        readers = ReaderPool(cfg.workers, threads=4)
+    try:
+        return _run_extract(cfg, readers)
+    finally:
+        if readers is not None:
+            readers.close()
+
+
+def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
     from headlab import __version__
 
-    cfg.validate()
     rank, world, local_rank = dist_info()
     inputs: InputList = build_input_list(cfg.images, cfg.labels)
     plan_id = inputs.plan_id
@@ -309,7 +325,8 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     if decoder in BATCH_DECODERS:
         from extract.pipeline import gpu_batches
 
-        source = gpu_batches(inputs.items, batches, recipe, device, decoder=decoder, readers=cfg.workers, threads=4)
+        source = gpu_batches(inputs.items, batches, recipe, device, decoder=decoder,
+                             readers=readers if readers is not None else cfg.workers, threads=4)
     else:
         source = iter(torch.utils.data.DataLoader(
             _ImageDataset(inputs.items, recipe), batch_sampler=batches, num_workers=cfg.workers,

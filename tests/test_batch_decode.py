@@ -146,6 +146,27 @@ def test_pipeline_batches_in_order_with_failures(digits_small, decoder):
         "broken_truncated.jpg", "broken_not_an_image.jpg", "broken_empty.png"}
 
 
+def test_pipeline_uses_a_reader_pool_it_is_given_and_leaves_it_open(digits_small):
+    """`run_extract` starts the reader processes before loading the model (a small process
+    forks fast) and hands the pool to the pipeline, which must use it and not close it."""
+    from extract.pipeline import gpu_batches
+    from extract.readers import ReaderPool
+    from extract.sources import build_input_list
+
+    il = build_input_list([digits_small["root"]], [digits_small["train"]])
+    batches = [list(range(s, min(s + 7, len(il.items)))) for s in range(0, len(il.items), 7)]
+    run = lambda readers: [(idx, shas, failed) for idx, _, shas, failed in gpu_batches(  # noqa: E731
+        il.items, batches, Preprocessing(), torch.device("cpu"), decoder="nvjpeg", readers=readers, threads=2)]
+    pool = ReaderPool(2, threads=2)
+    try:
+        assert run(pool) == run(2)
+        assert pool.result(pool.submit([il.items[0].file]))[0].reason is None  # still open
+        if pool.uses_processes:
+            assert all(p.is_alive() for p in pool.procs)
+    finally:
+        pool.close()
+
+
 @pytest.mark.parametrize("preset", ["baseline", "hf"])
 def test_gemm_resize_reproduces_pil(preset):
     """The GEMM resize (float32 on a CPU) gives PIL's 8-bit pixels: off by one level at
