@@ -81,13 +81,13 @@ def mem_source(bp, datas, batch: int, threads: int, stop: threading.Event, dev):
             th.join()
 
 
-def pipe_source(items, batch: int, decoders: int, dev, decoder: str):
+def pipe_source(items, batch: int, decoders: int, dev, decoder: str, readers):
     from extract.pipeline import gpu_batches
     from extract.preprocess import Preprocessing
 
     batches = [list(range(s, min(s + batch, len(items)))) for s in range(0, len(items), batch)]
     for idx, x, _, _ in gpu_batches(items, batches, Preprocessing(decoder=decoder), dev, decoder=decoder,
-                                    readers=os.cpu_count(), threads=4, decoders=decoders):
+                                    readers=readers, threads=4, decoders=decoders):
         yield len(idx), x
 
 
@@ -136,8 +136,10 @@ def main() -> None:
     from extract.backbone import load_backbone
     from extract.batch_decode import BatchPreprocessor
     from extract.preprocess import Preprocessing
+    from extract.readers import ReaderPool
     from extract.sources import Item
 
+    readers = ReaderPool(os.cpu_count(), threads=4)  # before the model, as run_extract does
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     root = os.path.join(args.work, "images")
@@ -184,11 +186,12 @@ def main() -> None:
         elif src.startswith("mem"):
             source = mem_source(bp, datas, args.batch, int(src[-1]), stop, dev)
         else:
-            source = pipe_source(items, args.batch, int(src[-1]), dev, decoder)
+            source = pipe_source(items, args.batch, int(src[-1]), dev, decoder, readers)
         rate = measure(source, None if m == "none" else models[m], args.seconds, dev, args.batch)
         stop.set()
         res["rows"][f"{src}/{m}"] = rate
         print(f"{src:7s} model {m:9s} {rate:8.0f} img/s", flush=True)
+    readers.close()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "extract_bisect.json"), "w") as fh:
         json.dump(res, fh, indent=2)
