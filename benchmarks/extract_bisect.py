@@ -5,7 +5,8 @@ graph-replayed model keeping both rates; `stage1 extract` end to end still runs 
 decode and model one after the other (benchmarks/NOTES.md). This script walks from the
 one to the other in a single run, one change at a time, each for ``--seconds``:
 
-  source   ``mem-1``: one decode thread on bytes in memory; ``mem-4``: four such threads
+  source   ``mem-1``: one decode thread on bytes in memory (``mem-1-any``: with the decoder
+           that may use the engines and the CUDA decoder, as before); ``mem-4``: four such threads
            sharing the decoder; ``pipe-1`` / ``pipe-4``: the real source
            (:func:`extract.pipeline.gpu_batches`: reader processes, decode threads);
   model    ``none`` (the source alone), ``graph`` (the compiled model captured once as a
@@ -176,13 +177,25 @@ def main() -> None:
         while True:
             yield args.batch, x
 
+    bp_any = None
+    if cuda and decoder == "nvimgcodec":  # the arrangement before: engines + CUDA decoder in one decoder
+        from extract.batch_decode import _make_nvimgcodec_decoder, nvimgcodec
+
+        n = nvimgcodec()
+        bp_any = BatchPreprocessor(Preprocessing(decoder=decoder), dev, decoder=decoder)
+        bp_any._nv_engines, bp_any._nv_decoder = False, _make_nvimgcodec_decoder(dev, kind="any")
+        bp_any._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
     rows = [("ready", "graph" if cuda else "compiled")]
+    if bp_any is not None:
+        rows += [("mem-1-any", "none"), ("mem-1-any", "graph")]
     for src in ("mem-1", "mem-4", "pipe-1", "pipe-4"):
         rows += [(src, "none")] + [(src, m) for m in models]
     for src, m in rows:
         stop = threading.Event()
         if src == "ready":
             source = ready_tensors()
+        elif src == "mem-1-any":
+            source = mem_source(bp_any, datas, args.batch, 1, stop, dev)
         elif src.startswith("mem"):
             source = mem_source(bp, datas, args.batch, int(src[-1]), stop, dev)
         else:
