@@ -377,6 +377,8 @@ def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
     # one waits for all work on blocking streams (the JPEG decoders' internal ones among
     # them), which serialised decoding with the model (benchmarks/NOTES.md).
     model_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if model_stream is not None:  # after the weights' copies and the compile, queued on the default stream
+        model_stream.wait_stream(torch.cuda.current_stream(device))
     stream_ctx = torch.cuda.stream(model_stream) if model_stream is not None else contextlib.nullcontext()
     t0 = time.perf_counter()
     t_first = None
