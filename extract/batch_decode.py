@@ -210,6 +210,27 @@ class BatchPreprocessor:
                     out[i] = im
         return out, sorted(cpu)
 
+    def warm_up(self) -> None:
+        """Make the batch decoder now (up to a second for nvImageCodec) rather than in the
+        first batch; the pipeline calls it while the first files are being read."""
+        if self.decoder == "nvimgcodec":
+            with self._nv_lock:
+                self._make_decoder()
+
+    def _make_decoder(self) -> None:
+        """Under ``_nv_lock``."""
+        n = nvimgcodec()
+        if self._nv_decoder is None:
+            # Beside the model, a decoder that may use both the engines and the CUDA decoder
+            # finished one batch a second (benchmarks/NOTES.md, H200): its work waited for
+            # all compute queued on the GPU. One with the engines alone kept its rate, so
+            # the batch goes to the engines alone and only what they refuse goes further.
+            self._nv_engines = has_jpeg_engines(self.device)
+            self._nv_decoder = _make_nvimgcodec_decoder(
+                self.device, kind="hardware" if self._nv_engines else "any")
+            # EXIF-rotated files never get here (needs_cpu): decode the stored orientation
+            self._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
+
     def _decode_nvimgcodec(self, datas: Sequence[bytes | bytearray]) -> list[torch.Tensor | None]:
         """One batched nvImageCodec call; ``(3, H, W)`` uint8 views (None: not decoded)."""
         n = nvimgcodec()
@@ -226,16 +247,7 @@ class BatchPreprocessor:
         cuda = self.device.type == "cuda"
         stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
         with self._nv_lock:
-            if self._nv_decoder is None:
-                # Beside the model, a decoder that may use both the engines and the CUDA decoder
-                # finished one batch a second (benchmarks/NOTES.md, H200): its work waited for
-                # all compute queued on the GPU. One with the engines alone kept its rate, so
-                # the batch goes to the engines alone and only what they refuse goes further.
-                self._nv_engines = has_jpeg_engines(self.device)
-                self._nv_decoder = _make_nvimgcodec_decoder(
-                    self.device, kind="hardware" if self._nv_engines else "cuda")
-                # EXIF-rotated files never get here (needs_cpu): decode the stored orientation
-                self._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
+            self._make_decoder()
             pool = getattr(self._local, "images", None) if self.reuse_images else None
             reuse = {"images": pool[:len(streams)]} if pool is not None and len(pool) >= len(streams) else {}
             imgs = list(self._nv_decoder.decode(streams, params=self._nv_params, cuda_stream=stream, **reuse))

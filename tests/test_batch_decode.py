@@ -236,3 +236,15 @@ def test_nvimgcodec_on_gpu_decodes_progressive_and_baseline_jpegs(digits_small):
         if im is not None:
             diff = (im.cpu().int() - ref.int()).abs().float()
             assert im.shape == ref.shape and diff.mean() < 1.5, float(diff.mean())
+
+
+def test_warm_up_makes_the_decoder_once():
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    assert bp._nv_decoder is None
+    bp.warm_up()
+    made = bp._nv_decoder
+    assert made is not None and bp._nv_engines is False  # no engines on a CPU
+    bp.warm_up()
+    bp._decode_nvimgcodec([b"not a jpeg"])
+    assert bp._nv_decoder is made
+    BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvjpeg").warm_up()  # nothing to make
