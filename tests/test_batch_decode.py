@@ -248,3 +248,16 @@ def test_warm_up_makes_the_decoder_once():
     bp._decode_nvimgcodec([b"not a jpeg"])
     assert bp._nv_decoder is made
     BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvjpeg").warm_up()  # nothing to make
+
+
+def test_engines_probe_runs_once_per_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bd, "_ENGINES", {})
+    monkeypatch.setattr(bd, "_probe_jpeg_engines", lambda dev: calls.append(dev.index) or dev.index == 1)
+    if bd.nvimgcodec() is None:
+        pytest.skip("nvImageCodec not installed")
+    for _ in range(3):
+        assert bd.has_jpeg_engines(torch.device("cuda", 0)) is False
+        assert bd.has_jpeg_engines(torch.device("cuda", 1)) is True
+    assert calls == [0, 1]
+    assert bd.has_jpeg_engines(torch.device("cpu")) is False and calls == [0, 1]
