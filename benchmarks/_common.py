@@ -57,3 +57,19 @@ def save_result(name: str, result: dict) -> str:
         json.dump(result, fh, indent=2)
         fh.write("\n")
     return out
+
+
+def capture_cuda_graph(f, x, stream, warmup: int = 3):
+    """``f(x)`` captured once as a CUDA graph on ``stream`` (after ``warmup`` calls there,
+    so compiled code and library handles are ready); replay it with ``graph.replay()``."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(warmup):
+            f(x)
+        stream.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            f(x)
+    torch.cuda.synchronize()
+    return graph

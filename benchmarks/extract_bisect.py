@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import capture_cuda_graph, machine  # noqa: E402
 from benchmarks.extract_bench import build_images, save_model  # noqa: E402
 
 
@@ -154,14 +154,7 @@ def main() -> None:
     static = torch.zeros(args.batch, 3, 224, 224, device=dev, dtype=dtype)
     models = {"compiled": lambda x: f(x.to(dtype))}
     if cuda:
-        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream(dev)
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(3):
-                f(static)
-            side.synchronize()
-            with torch.cuda.graph(graph, stream=side):
-                f(static)
-        torch.cuda.synchronize()
+        graph = capture_cuda_graph(f, static, torch.cuda.Stream(dev))
 
         def replay(x):
             static.copy_(x)

@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import capture_cuda_graph, machine  # noqa: E402
 from benchmarks.extract_bench import build_images, save_model  # noqa: E402
 
 
@@ -152,12 +152,7 @@ def main() -> None:
     print(f"model alone: {res['model_alone_img_s']:.0f} img/s", flush=True)
     graph = None
     if cuda:  # the compiled model captured once as a CUDA graph: one launch per batch
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(side), torch.inference_mode():
-            f(x)
-            side.synchronize()
-            with torch.cuda.graph(graph, stream=side):
-                f(x)
+        graph = capture_cuda_graph(f, x, side, warmup=1)
         res["model_graph_img_s"] = run_model(f, x, args.seconds, side, inflight=2, graph=graph)
         print(f"model alone, graph replay: {res['model_graph_img_s']:.0f} img/s", flush=True)
     if cuda and has_jpeg_engines(dev):

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.getcwd())
-from benchmarks._common import machine
+from benchmarks._common import capture_cuda_graph, machine
 from benchmarks.extract_bench import build_images, save_model
+from benchmarks.extract_overlap import run_model
 
 OUT = os.environ.get("OUT", "/tmp")
 root = "/tmp/stage1-extract-bench/images"
@@ -94,31 +95,11 @@ bb = load_backbone(f"hf:{save_model('vitb16', '/tmp/stage1-extract-bench')}").to
 )
 f = torch.compile(bb, dynamic=False)
 x = torch.randn(512, 3, 224, 224, device=dev, dtype=torch.bfloat16)
-g = torch.cuda.CUDAGraph()
-with torch.cuda.stream(side), torch.inference_mode():
-    for _ in range(3):
-        f(x)
-    side.synchronize()
-    with torch.cuda.graph(g, stream=side):
-        f(x)
-side.synchronize()
+g = capture_cuda_graph(f, x, side)
 
 
 def model(seconds):
-    t0 = time.perf_counter()
-    evs = []
-    m = 0
-    with torch.cuda.stream(side):
-        while time.perf_counter() - t0 < seconds:
-            g.replay()
-            m += 1
-            ev = torch.cuda.Event()
-            ev.record(side)
-            evs.append(ev)
-            if len(evs) >= 2:
-                evs.pop(0).synchronize()
-    side.synchronize()
-    return m * 512 / (time.perf_counter() - t0)
+    return run_model(f, x, seconds, side, inflight=2, graph=g)  # two batches in flight
 
 
 res = {"machine": machine(), "model_alone": model(3)}

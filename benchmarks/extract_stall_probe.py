@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.getcwd())
-from benchmarks._common import machine
+from benchmarks._common import capture_cuda_graph, machine
 from benchmarks.extract_bench import build_images, save_model
+from benchmarks.extract_overlap import run_model
 from extract.backbone import load_backbone
 from extract.batch_decode import BatchPreprocessor, _make_nvimgcodec_decoder, nvimgcodec
 from extract.preprocess import Preprocessing
@@ -40,14 +41,7 @@ bb = load_backbone(f"hf:{save_model('vitb16', '/tmp/stage1-extract-bench')}").to
 f = torch.compile(bb, dynamic=False)
 x = torch.randn(512, 3, 224, 224, device=dev, dtype=torch.bfloat16)
 side = torch.cuda.Stream(dev)
-g = torch.cuda.CUDAGraph()
-with torch.cuda.stream(side), torch.inference_mode():
-    for _ in range(3):
-        f(x)
-    side.synchronize()
-    with torch.cuda.graph(g, stream=side):
-        f(x)
-side.synchronize()
+g = capture_cuda_graph(f, x, side)
 n = nvimgcodec()
 dec = _make_nvimgcodec_decoder(dev, kind="any")
 params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
@@ -101,23 +95,10 @@ def loop(work, stop, cnt):
 
 
 def model(seconds, mode):
-    t0 = time.perf_counter()
-    evs = []
-    m = 0
-    with torch.cuda.stream(side), torch.inference_mode():
-        while time.perf_counter() - t0 < seconds:
-            if mode == "none":
-                time.sleep(0.01)
-                continue
-            g.replay()
-            m += 1
-            ev = torch.cuda.Event()
-            ev.record(side)
-            evs.append(ev)
-            if len(evs) >= 2:
-                evs.pop(0).synchronize()
-    side.synchronize()
-    return m * 512 / (time.perf_counter() - t0)
+    if mode == "none":
+        time.sleep(seconds)
+        return 0.0
+    return run_model(f, x, seconds, side, inflight=2, graph=g)  # two batches in flight
 
 
 res = {"machine": machine()}

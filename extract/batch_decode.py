@@ -81,12 +81,11 @@ def nvimgcodec() -> ModuleType | None:
 
 
 def _make_nvimgcodec_decoder(device: torch.device, *, kind: str = "any"):
-    """An nvImageCodec decoder. ``kind``: ``'hardware'`` (the JPEG engines only),
-    ``'cuda'`` (nvImageCodec's CUDA decoder only), or ``'any'`` (both, engines first)."""
+    """An nvImageCodec decoder. ``kind``: ``'hardware'`` (the JPEG engines only) or
+    ``'any'`` (the engines, then nvImageCodec's CUDA decoder)."""
     n = nvimgcodec()
     if device.type == "cuda":
-        kinds = {"hardware": [n.BackendKind.HW_GPU_ONLY], "cuda": [n.BackendKind.GPU_ONLY],
-                 "any": [n.BackendKind.HW_GPU_ONLY, n.BackendKind.GPU_ONLY]}[kind]
+        kinds = [n.BackendKind.HW_GPU_ONLY] + ([n.BackendKind.GPU_ONLY] if kind == "any" else [])
         dev = device.index if device.index is not None else torch.cuda.current_device()
     else:
         kinds, dev = [n.BackendKind.CPU_ONLY], n.NVIMGCODEC_DEVICE_CPU_ONLY
@@ -219,8 +218,8 @@ class BatchPreprocessor:
 
     def _make_decoder(self) -> None:
         """Under ``_nv_lock``."""
-        n = nvimgcodec()
         if self._nv_decoder is None:
+            n = nvimgcodec()
             # Beside the model, a decoder that may use both the engines and the CUDA decoder
             # finished one batch a second (benchmarks/NOTES.md, H200): its work waited for
             # all compute queued on the GPU. One with the engines alone kept its rate, so
