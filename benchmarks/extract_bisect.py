@@ -5,10 +5,11 @@ graph-replayed model keeping both rates; `stage1 extract` end to end still runs 
 decode and model one after the other (benchmarks/NOTES.md). This script walks from the
 one to the other in a single run, one change at a time, each for ``--seconds``:
 
-  source   ``mem-1``: one decode thread on bytes in memory (``mem-1-any``: with the decoder
-           that may use the engines and the CUDA decoder, as before); ``mem-4``: four such threads
-           sharing the decoder; ``pipe-1`` / ``pipe-4``: the real source
-           (:func:`extract.pipeline.gpu_batches`: reader processes, decode threads);
+  source   ``mem-1``: one decode thread on bytes in memory; ``mem-4``: four such threads
+           sharing the decoder; ``pipe-4``: the real source (:func:`extract.pipeline.gpu_batches`:
+           reader processes, four decode threads); ``-one-stream``: decode and resize on one
+           stream (as before), else nvImageCodec decodes on a stream of its own;
+           ``-chunk256``: 256 images per decoder call;
   model    ``none`` (the source alone), ``graph`` (the compiled model captured once as a
            CUDA graph, replayed), ``compiled`` (the compiled model called, as
            ``stage1 extract`` does); always on a side stream, at most two batches in flight.
@@ -82,13 +83,13 @@ def mem_source(bp, datas, batch: int, threads: int, stop: threading.Event, dev):
             th.join()
 
 
-def pipe_source(items, batch: int, decoders: int, dev, decoder: str, readers):
+def pipe_source(items, batch: int, decoders: int, dev, decoder: str, readers, bp):
     from extract.pipeline import gpu_batches
     from extract.preprocess import Preprocessing
 
     batches = [list(range(s, min(s + batch, len(items)))) for s in range(0, len(items), batch)]
     for idx, x, _, _ in gpu_batches(items, batches, Preprocessing(decoder=decoder), dev, decoder=decoder,
-                                    readers=readers, threads=4, decoders=decoders):
+                                    readers=readers, threads=4, decoders=decoders, preprocessor=bp):
         yield len(idx), x
 
 
@@ -162,41 +163,39 @@ def main() -> None:
 
         models = {"graph": replay, **models}
     decoder = args.decoder if cuda else "nvjpeg"
-    bp = BatchPreprocessor(Preprocessing(decoder=decoder), dev, decoder=decoder)
     res: dict = {"machine": machine(), "model": args.model, "batch": args.batch, "n": args.n, "rows": {}}
+
+    def prep(**kw):
+        return BatchPreprocessor(Preprocessing(decoder=decoder), dev, decoder=decoder, **kw)
+
+    # sources: name -> (kind, threads, preprocessor options)
+    sources = {"mem-1-one-stream": ("mem", 1, {"decode_stream": False}), "mem-1": ("mem", 1, {}),
+               "mem-1-chunk256": ("mem", 1, {"decode_chunk": 256}), "mem-4": ("mem", 4, {}),
+               "pipe-4-one-stream": ("pipe", 4, {"decode_stream": False}), "pipe-4": ("pipe", 4, {}),
+               "pipe-4-chunk256": ("pipe", 4, {"decode_chunk": 256})}
 
     def ready_tensors():
         x = torch.randn(args.batch, 3, 224, 224, device=dev)
         while True:
             yield args.batch, x
 
-    bp_any = None
-    if cuda and decoder == "nvimgcodec":  # the arrangement before: engines + CUDA decoder in one decoder
-        from extract.batch_decode import _make_nvimgcodec_decoder, nvimgcodec
-
-        n = nvimgcodec()
-        bp_any = BatchPreprocessor(Preprocessing(decoder=decoder), dev, decoder=decoder)
-        bp_any._nv_engines, bp_any._nv_decoder = False, _make_nvimgcodec_decoder(dev, kind="any")
-        bp_any._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
     rows = [("ready", "graph" if cuda else "compiled")]
-    if bp_any is not None:
-        rows += [("mem-1-any", "none"), ("mem-1-any", "graph")]
-    for src in ("mem-1", "mem-4", "pipe-1", "pipe-4"):
-        rows += [(src, "none")] + [(src, m) for m in models]
+    for name, (kind, _, _) in sources.items():
+        rows += [(name, "none")] + [(name, m) for m in models if kind == "pipe" or m == "graph" or not cuda]
     for src, m in rows:
         stop = threading.Event()
         if src == "ready":
             source = ready_tensors()
-        elif src == "mem-1-any":
-            source = mem_source(bp_any, datas, args.batch, 1, stop, dev)
-        elif src.startswith("mem"):
-            source = mem_source(bp, datas, args.batch, int(src[-1]), stop, dev)
         else:
-            source = pipe_source(items, args.batch, int(src[-1]), dev, decoder, readers)
+            kind, threads, opts = sources[src]
+            if kind == "mem":
+                source = mem_source(prep(**opts), datas, args.batch, threads, stop, dev)
+            else:
+                source = pipe_source(items, args.batch, threads, dev, decoder, readers, prep(**opts))
         rate = measure(source, None if m == "none" else models[m], args.seconds, dev, args.batch)
         stop.set()
         res["rows"][f"{src}/{m}"] = rate
-        print(f"{src:7s} model {m:9s} {rate:8.0f} img/s", flush=True)
+        print(f"{src:18s} model {m:9s} {rate:8.0f} img/s", flush=True)
     readers.close()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "extract_bisect.json"), "w") as fh:

@@ -160,11 +160,11 @@ def main() -> None:
         res["stage_costs_per_batch_256"] = stage_costs(bp0, chunks, dev)
         for k, v in res["stage_costs_per_batch_256"].items():
             print(f"  {k:12s} wall {v['wall_ms']:7.2f} ms  cpu {v['cpu_ms']:7.2f} ms  ({v['us_per_image']:.1f} us/img)")
-    variants = [("nvjpeg", False)] + ([("nvimgcodec", True)] if has_jpeg_engines(dev) else [])
+    variants = [("nvjpeg", False)] + ([("nvimgcodec", True)] if has_jpeg_engines(dev) else [])  # (name, decode stream)
     modes = [("free", 0, None), ("paced", 2, None)] + ([("graph", 2, graph)] if graph is not None else [])
-    for dec, reuse in variants:
-        name = dec + ("+reuse" if reuse else "")
-        bp = BatchPreprocessor(Preprocessing(), dev, decoder=dec, reuse_images=reuse)
+    for dec, own_stream in variants:
+        name = dec + ("+decode-stream" if own_stream else "")
+        bp = BatchPreprocessor(Preprocessing(), dev, decoder=dec, decode_stream=own_stream)
         for _ in range(2):  # warm up: decoder, GEMM plans
             bp.transform([im for im in bp.decode(chunks[0])[0] if im is not None])
         sync(default)

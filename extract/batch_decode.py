@@ -23,6 +23,7 @@ how the tensor path is tested without a GPU.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -157,15 +158,17 @@ class BatchPreprocessor:
     JPEG engines measured slower when several decoders fed them at once)."""
 
     def __init__(self, recipe: Preprocessing, device: torch.device, *, decoder: str = "nvjpeg",
-                 reuse_images: bool = False) -> None:
+                 decode_stream: bool = True, decode_chunk: int = 0) -> None:
         if decoder not in BATCH_DECODERS:
             raise ValueError(f"decoder must be one of {BATCH_DECODERS}, got {decoder!r}")
         if decoder == "nvimgcodec" and nvimgcodec() is None:
             raise Stage1Error("nvImageCodec is not installed: pip install 'nvidia-nvimgcodec-cu13[nvjpeg]'")
         self.recipe, self.device, self.decoder = recipe, device, decoder
-        # nvImageCodec: decode into the previous batch's output images of this thread (no
-        # device frees between batches); ordered by the thread's CUDA stream
-        self.reuse_images = reuse_images
+        # nvImageCodec on a GPU: decode on a stream of the calling thread's own, so the next
+        # batch's decode is not ordered after this batch's resize (which shares the SMs with
+        # the model); the decoded images are then held until the resize that reads them is done
+        self.decode_stream = decode_stream and device.type == "cuda"
+        self.decode_chunk = decode_chunk  # images per nvImageCodec call (0: the whole batch)
         self._local = threading.local()
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
@@ -231,7 +234,8 @@ class BatchPreprocessor:
             self._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
 
     def _decode_nvimgcodec(self, datas: Sequence[bytes | bytearray]) -> list[torch.Tensor | None]:
-        """One batched nvImageCodec call; ``(3, H, W)`` uint8 views (None: not decoded)."""
+        """Batched nvImageCodec calls (``decode_chunk`` images each); ``(3, H, W)`` uint8
+        views (None: not decoded), ready in the current stream's order."""
         n = nvimgcodec()
         streams, pos = [], []
         for k, d in enumerate(datas):
@@ -244,12 +248,32 @@ class BatchPreprocessor:
         if not streams:
             return out
         cuda = self.device.type == "cuda"
-        stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
+        current = torch.cuda.current_stream(self.device) if cuda else None
+        side = None
+        if self.decode_stream:
+            side = getattr(self._local, "decode_stream", None)
+            if side is None:
+                side = self._local.decode_stream = torch.cuda.Stream(self.device)
+        stream = (side or current).cuda_stream if cuda else 0
+        step = self.decode_chunk or len(streams)
+        imgs: list = []
+        for a in range(0, len(streams), step):
+            imgs += self._decode_chunk(streams[a:a + step], stream)
+        if side is not None:
+            current.wait_stream(side)
+        for k, im in zip(pos, imgs, strict=True):
+            if im is None or im.num_channels != 3:
+                continue
+            # zero-copy: __cuda_array_interface__ on the GPU, the array interface on the host;
+            # the tensor keeps the image (and its buffer) alive
+            t = torch.as_tensor(im, device=self.device) if cuda else torch.from_numpy(np.asarray(im))
+            out[k] = t.permute(2, 0, 1)
+        return out
+
+    def _decode_chunk(self, streams: list, cuda_stream: int) -> list:
         with self._nv_lock:
             self._make_decoder()
-            pool = getattr(self._local, "images", None) if self.reuse_images else None
-            reuse = {"images": pool[:len(streams)]} if pool is not None and len(pool) >= len(streams) else {}
-            imgs = list(self._nv_decoder.decode(streams, params=self._nv_params, cuda_stream=stream, **reuse))
+            imgs = list(self._nv_decoder.decode(streams, params=self._nv_params, cuda_stream=cuda_stream))
             left = [k for k, im in enumerate(imgs) if im is None]
             if left and self._nv_engines and self._nv_fallback is not False:
                 # e.g. progressive JPEGs: a decoder that may also use the CUDA decoder; where
@@ -262,20 +286,23 @@ class BatchPreprocessor:
                         self._nv_fallback = False
                 if self._nv_fallback is not False:
                     again = self._nv_fallback.decode([streams[k] for k in left], params=self._nv_params,
-                                                     cuda_stream=stream)
+                                                     cuda_stream=cuda_stream)
                     for k, im in zip(left, again, strict=True):
                         imgs[k] = im
-        if self.reuse_images:
-            kept = [im for im in imgs if im is not None]
-            if pool is None or len(kept) >= len(pool):
-                self._local.images = kept
-        for k, im in zip(pos, imgs, strict=True):
-            if im is None or im.num_channels != 3:
-                continue
-            # zero-copy: __cuda_array_interface__ on the GPU, the array interface on the host
-            t = torch.as_tensor(im, device=self.device) if cuda else torch.from_numpy(np.asarray(im))
-            out[k] = t.permute(2, 0, 1)
-        return out
+        return imgs
+
+    def _hold(self, imgs: Sequence[torch.Tensor]) -> None:
+        """Keep decoded images (buffers freed in the decode stream's order) until the work
+        queued on the current stream, which reads them, is done; at most a few batches."""
+        held = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = collections.deque()
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        held.append((event, list(imgs)))
+        while held and (len(held) > 3 or held[0][0].query()):
+            held[0][0].synchronize()
+            held.popleft()
 
     def _axis(self, n_in: int, n_out: int) -> tuple[torch.Tensor | None, int, int]:
         """One axis of the resize+crop: ``(weights, start, stop)``. Only input samples
@@ -338,4 +365,6 @@ class BatchPreprocessor:
                     if step == 0 and x.dtype != self.compute_dtype:
                         x = x.to(self.compute_dtype)  # integers 0..255: exact
                 out[part] = (x.permute(0, 2, 1, 3).float() - self.mean) / self.std
+        if self.decode_stream and self.decoder == "nvimgcodec":
+            self._hold(imgs)
         return out

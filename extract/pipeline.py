@@ -40,17 +40,19 @@ def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | 
 
 def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Preprocessing, device: torch.device,
                 *, decoder: str = "nvjpeg", readers: int | ReaderPool = 8, threads: int = 8, decoders: int = 4,
-                prefetch: int = 6, reuse_images: bool = False
+                prefetch: int = 6, preprocessor: BatchPreprocessor | None = None
                 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
     """Yield ``(indices, x on device, sha256s, failures)`` per batch, in order.
 
     ``decoders`` threads prepare batches concurrently (each on its own CUDA stream), up to
     ``prefetch`` batches ahead of the consumer; reads, hashing and header checks run in
     ``readers`` worker processes (:mod:`extract.readers`; threads where that is not
-    possible), or in a :class:`ReaderPool` the caller made (and closes), odd files are decoded on the CPU in a pool of ``threads``. ``decoder``: the
-    batch decoder (:data:`extract.batch_decode.BATCH_DECODERS`).
+    possible), or in a :class:`ReaderPool` the caller made (and closes); odd files are
+    decoded on the CPU in a pool of ``threads``. ``decoder``: the batch decoder
+    (:data:`extract.batch_decode.BATCH_DECODERS`); ``preprocessor``: a
+    :class:`BatchPreprocessor` to use instead of a default one.
     """
-    bp = BatchPreprocessor(recipe, device, decoder=decoder, reuse_images=reuse_images)
+    bp = preprocessor or BatchPreprocessor(recipe, device, decoder=decoder)
     tf = recipe.transform()
     own_reader = not isinstance(readers, ReaderPool)
     reader = ReaderPool(readers, threads=threads) if own_reader else readers

@@ -60,21 +60,17 @@ def test_nvimgcodec_decodes_what_pil_decodes(digits_small):
     assert out[0] is None and out[2] is not None
 
 
-def test_nvimgcodec_reused_output_images_stay_correct(digits_small):
-    """Decoding into the previous batch's images gives the same pixels as fresh images."""
+def test_nvimgcodec_decodes_in_chunks_like_one_call(digits_small):
+    """``decode_chunk`` splits the batch over several decoder calls: same images, same order."""
     files = [f for f in _jpegs(digits_small) if not os.path.basename(f).startswith("broken")]
     datas = [bytearray(open(f, "rb").read()) for f in files]
-    datas = [d for d in datas if not needs_cpu(d)]
-    fresh = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
-    reuse = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", reuse_images=True)
-    half = len(datas) // 2
-    for batch in (datas[:half], datas[half:], datas[:half][::-1]):
-        a = [t.clone() for t in fresh._decode_nvimgcodec(batch)]
-        b = [t.clone() for t in reuse._decode_nvimgcodec(batch)]
-        assert len(a) == len(b) == len(batch)
-        for x, y in zip(a, b, strict=True):
-            assert torch.equal(x, y)
-    assert reuse._local.images  # the pool is kept between batches
+    datas = [d for d in datas if not needs_cpu(d)] + [bytearray(b"not a jpeg")]
+    whole = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    chunked = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decode_chunk=3)
+    a, b = whole._decode_nvimgcodec(datas), chunked._decode_nvimgcodec(datas)
+    assert len(a) == len(b) == len(datas) and a[-1] is None and b[-1] is None
+    for x, y in zip(a[:-1], b[:-1], strict=True):
+        assert torch.equal(x, y)
 
 
 def test_decoder_resolution(monkeypatch):
@@ -236,6 +232,29 @@ def test_nvimgcodec_on_gpu_decodes_progressive_and_baseline_jpegs(digits_small):
         if im is not None:
             diff = (im.cpu().int() - ref.int()).abs().float()
             assert im.shape == ref.shape and diff.mean() < 1.5, float(diff.mean())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_stream_gives_the_same_batches_as_one_stream(digits_small):
+    """Decoding on a stream of its own (images held until the resize that reads them is done)
+    gives, batch after batch, exactly what decoding on the current stream gives, also with
+    other work queued on the GPU between batches."""
+    bd.nvimgcodec() or pytest.skip("nvImageCodec not installed")
+    files = [f for f in _jpegs(digits_small) if not os.path.basename(f).startswith("broken")]
+    datas = [d for d in (bytearray(open(f, "rb").read()) for f in files) if not needs_cpu(d)]
+    dev = torch.device("cuda")
+    side = BatchPreprocessor(Preprocessing(), dev, decoder="nvimgcodec", decode_chunk=5)
+    same = BatchPreprocessor(Preprocessing(), dev, decoder="nvimgcodec", decode_stream=False)
+    busy = torch.randn(4096, 4096, device=dev)
+    for k in range(6):
+        batch = datas[k % 3::3]
+        a = same.transform([im for im in same.decode(batch)[0] if im is not None])
+        for _ in range(20):  # keep the SMs busy while the next batch is decoded
+            busy = busy @ busy / 64
+        b = side.transform([im for im in side.decode(batch)[0] if im is not None])
+        assert torch.equal(a, b)
+    assert len(side._local.held) <= 3
 
 
 def test_warm_up_makes_the_decoder_once():
