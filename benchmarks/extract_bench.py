@@ -296,6 +296,9 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--decoders", nargs="+", default=["nvimgcodec", "nvjpeg"])
     args = ap.parse_args()
+    from extract.run import more_hardware_queues
+
+    more_hardware_queues()  # before CUDA starts, as stage1 extract does
     from extract.run import ExtractConfig, run_extract
 
     t = time.perf_counter()

@@ -135,6 +135,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (no streams, no graph)")
     args = ap.parse_args()
+    from extract.run import more_hardware_queues
+
+    more_hardware_queues()  # before CUDA starts, as stage1 extract does
     from extract.backbone import load_backbone
     from extract.batch_decode import BatchPreprocessor
     from extract.preprocess import Preprocessing

@@ -15,7 +15,9 @@ import numpy as np
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.extract_bench import build_images, save_model
-from extract.run import ExtractConfig, run_extract
+from extract.run import ExtractConfig, more_hardware_queues, run_extract
+
+more_hardware_queues()  # before CUDA starts
 
 OUT = os.environ["OUT"]
 work = "/tmp/stage1-extract-bench"

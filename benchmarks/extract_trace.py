@@ -7,6 +7,7 @@ torch.profiler (CPU and CUDA activities; CUPTI sees nvImageCodec's CUDA calls to
 writes both traces (Chrome trace format, gzipped) and a per-stream summary.
 
 Usage: OUT=/tmp python benchmarks/extract_trace.py [--batch 1024] [--batches 6]
+       (``CUDA_DEVICE_MAX_CONNECTIONS=8`` in the environment: CUDA's default queues, as before)
 Results: $OUT/trace_fed.json.gz, $OUT/trace_alone.json.gz, $OUT/trace_summary.json
 """
 
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--model", default="vitb16")
     args = ap.parse_args()
+    from extract.run import more_hardware_queues
+
+    more_hardware_queues()  # before CUDA starts, as stage1 extract does
     from torch.profiler import ProfilerActivity, profile
 
     from extract.backbone import load_backbone
@@ -70,7 +74,8 @@ def main() -> None:
         static.copy_(x)
         graph.replay()
 
-    res: dict = {"machine": machine(), "batch": args.batch}
+    res: dict = {"machine": machine(), "batch": args.batch,
+                 "CUDA_DEVICE_MAX_CONNECTIONS": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")}
     for name, model in (("alone", None), ("fed", replay)):
         bp = BatchPreprocessor(Preprocessing(decoder="nvimgcodec"), dev, decoder="nvimgcodec")
         stop = threading.Event()

@@ -125,3 +125,19 @@ def test_resume_after_sigkill_is_bitwise_identical(digits_small, tmp_path, tiny_
             assert fa.tobytes() == fb.tobytes()
         assert a.paths.tolist() == b.paths.tolist() and a.labels.tolist() == b.labels.tolist()
         assert a.failures == b.failures
+
+
+def test_more_hardware_queues_is_set_before_cuda_starts_and_never_overrides(monkeypatch):
+    from extract import run as run_mod
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.setattr(run_mod.torch.cuda, "is_initialized", lambda: False)
+    assert run_mod.more_hardware_queues() is True
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "4")  # the user's choice stays
+    assert run_mod.more_hardware_queues() is False and os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "4"
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    monkeypatch.setattr(run_mod.torch.cuda, "is_initialized", lambda: True)  # too late: say so, change nothing
+    with pytest.warns(UserWarning, match="CUDA_DEVICE_MAX_CONNECTIONS=32"):
+        assert run_mod.more_hardware_queues() is False
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
