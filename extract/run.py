@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import platform
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -229,6 +230,14 @@ def _choose_decoder(cfg: ExtractConfig, device: torch.device) -> str:
     return resolve_batch_decoder(cfg.decoder, device)
 
 
+def _quietly(fn) -> None:
+    """Run ``fn`` in a helper thread; an error is left for the pipeline's own call to raise."""
+    try:
+        fn()
+    except Exception:
+        pass
+
+
 def more_hardware_queues(n: int = 32) -> bool:
     """Let CUDA give each stream a hardware work queue of its own (``CUDA_DEVICE_MAX_CONNECTIONS``,
     default 8), unless the variable is set or CUDA is already initialised; True if set here.
@@ -321,6 +330,13 @@ def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
                             "num_shards": len(ranges), "provenance": provenance},
                            os.path.join(cfg.out, CONFIG_NAME), "extract_config")
 
+    preprocessor = None
+    if pending and decoder in BATCH_DECODERS:
+        # The batch decoder (up to a second to make) is made while the model moves and compiles.
+        from extract.batch_decode import BatchPreprocessor
+
+        preprocessor = BatchPreprocessor(recipe, device, decoder=decoder)
+        threading.Thread(target=_quietly, args=(preprocessor.warm_up,), name="stage1-decoder", daemon=True).start()
     model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backbone = backbone.to(device=device, dtype=model_dtype)
     batch_size = cfg.batch_size or (auto_batch_size(backbone, recipe.output_size, device, model_dtype)
@@ -349,7 +365,8 @@ def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
         from extract.pipeline import gpu_batches
 
         source = gpu_batches(inputs.items, batches, recipe, device, decoder=decoder,
-                             readers=readers if readers is not None else cfg.workers, threads=4)
+                             readers=readers if readers is not None else cfg.workers, threads=4,
+                             preprocessor=preprocessor)
     else:
         source = iter(torch.utils.data.DataLoader(
             _ImageDataset(inputs.items, recipe), batch_sampler=batches, num_workers=cfg.workers,

@@ -280,3 +280,39 @@ def test_engines_probe_runs_once_per_device(monkeypatch):
         assert bd.has_jpeg_engines(torch.device("cuda", 1)) is True
     assert calls == [0, 1]
     assert bd.has_jpeg_engines(torch.device("cpu")) is False and calls == [0, 1]
+
+
+def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_small, tiny_hf, tmp_path, monkeypatch):
+    """`run_extract` with a batch decoder makes it in a helper thread before the model is
+    moved and compiled, and hands that preprocessor to the pipeline (run here on the CPU
+    with nvImageCodec's CPU backend, the decoder choice forced)."""
+    import threading
+
+    import extract.run as run_mod
+    from cache import open_cache
+
+    calls = []
+    real = BatchPreprocessor.warm_up
+
+    def warm_up(self):
+        calls.append((threading.current_thread().name, id(self)))
+        real(self)
+
+    made = []
+    real_init = BatchPreprocessor.__init__
+
+    def init(self, *a, **k):
+        made.append(id(self))
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(BatchPreprocessor, "warm_up", warm_up)
+    monkeypatch.setattr(BatchPreprocessor, "__init__", init)
+    monkeypatch.setattr(run_mod, "_choose_decoder", lambda cfg, device: "nvimgcodec")
+    s = run_mod.run_extract(run_mod.ExtractConfig(images=[digits_small["root"]], labels=[digits_small["train"]],
+                                                  backbone=tiny_hf, out=str(tmp_path / "c"), device="cpu",
+                                                  progress=False, workers=0))
+    assert s["decoder"] == "nvimgcodec" and s["rows_written"] + s["failures"] == s["inputs"]
+    assert len(made) == 1  # the pipeline used the preprocessor made early
+    assert ("stage1-decoder", made[0]) in calls
+    with open_cache(str(tmp_path / "c")) as c:
+        assert len(c) == s["rows_written"] and np.isfinite(c.features("cls")).all()
