@@ -214,7 +214,8 @@ class BatchPreprocessor:
 
     def warm_up(self) -> None:
         """Make the batch decoder now (up to a second for nvImageCodec) rather than in the
-        first batch; the pipeline calls it while the first files are being read."""
+        first batch; ``run_extract`` calls it while the model compiles, the pipeline (a no-op
+        by then) while the first files are read."""
         if self.decoder == "nvimgcodec":
             with self._nv_lock:
                 self._make_decoder()

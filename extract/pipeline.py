@@ -103,7 +103,7 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
     try:
         for bi in range(min(prefetch + 2, len(batches))):
             submit_reads(bi)
-        dec.submit(bp.warm_up)  # the decoder is made while the first files are read
+        dec.submit(bp.warm_up)  # the decoder is made while the first files are read (if not already)
         for bi in range(min(prefetch, len(batches))):
             jobs[bi] = dec.submit(prepare, bi)
         for bi in range(len(batches)):
