@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import queue
 import threading
 import warnings
 from collections.abc import Sequence
@@ -154,11 +155,13 @@ class BatchPreprocessor:
     """``list of JPEG bytes`` -> ``(B, 3, S, S)`` normalised float tensor on ``device``.
 
     ``decoder``: ``'nvjpeg'`` (torchvision) or ``'nvimgcodec'``. One instance may be used
-    from several threads: they share one nvImageCodec decoder, one batch at a time (the
-    JPEG engines measured slower when several decoders fed them at once)."""
+    from several threads: they share ``decoders`` nvImageCodec decoders, each one batch at a
+    time (the JPEG engines are fed best by few decoders; beside the model two measured
+    faster than one, benchmarks/NOTES.md)."""
 
     def __init__(self, recipe: Preprocessing, device: torch.device, *, decoder: str = "nvjpeg",
-                 decode_stream: bool = True, decode_chunk: int = 0) -> None:
+                 decode_stream: bool = True, decode_chunk: int = 0,
+                 decoders: int = 2, decode_priority: bool = True) -> None:
         if decoder not in BATCH_DECODERS:
             raise ValueError(f"decoder must be one of {BATCH_DECODERS}, got {decoder!r}")
         if decoder == "nvimgcodec" and nvimgcodec() is None:
@@ -169,11 +172,17 @@ class BatchPreprocessor:
         # the model); the decoded images are then held until the resize that reads them is done
         self.decode_stream = decode_stream and device.type == "cuda"
         self.decode_chunk = decode_chunk  # images per nvImageCodec call (0: the whole batch)
+        self.decoders = decoders  # nvImageCodec decoders used side by side (each one batch at a time)
+        # the decode stream at the highest priority: nvImageCodec waits on the host for each
+        # group of images (one per JPEG engine core) before it starts the next, so its
+        # kernels should not queue behind the model's
+        self.decode_priority = decode_priority
         self._local = threading.local()
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
         self._fp32_out = True
-        self._nv_lock = threading.Lock()
+        self._nv_lock = threading.Lock()  # making the decoders; the fallback decoder
+        self._nv_free: queue.SimpleQueue = queue.SimpleQueue()  # decoders not in use
         self._nv_decoder = self._nv_params = self._nv_fallback = None
         self._nv_engines: bool | None = None  # hardware JPEG engines answer (probed on first use)
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -229,8 +238,11 @@ class BatchPreprocessor:
             # all compute queued on the GPU. One with the engines alone kept its rate, so
             # the batch goes to the engines alone and only what they refuse goes further.
             self._nv_engines = has_jpeg_engines(self.device)
-            self._nv_decoder = _make_nvimgcodec_decoder(
-                self.device, kind="hardware" if self._nv_engines else "any")
+            made = [_make_nvimgcodec_decoder(self.device, kind="hardware" if self._nv_engines else "any")
+                    for _ in range(max(1, self.decoders))]
+            for d in made:
+                self._nv_free.put(d)
+            self._nv_decoder = made[0]
             # EXIF-rotated files never get here (needs_cpu): decode the stored orientation
             self._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
 
@@ -238,6 +250,7 @@ class BatchPreprocessor:
         """Batched nvImageCodec calls (``decode_chunk`` images each); ``(3, H, W)`` uint8
         views (None: not decoded), ready in the current stream's order."""
         n = nvimgcodec()
+        cuda = self.device.type == "cuda"
         streams, pos = [], []
         for k, d in enumerate(datas):
             try:
@@ -248,13 +261,14 @@ class BatchPreprocessor:
         out: list[torch.Tensor | None] = [None] * len(datas)
         if not streams:
             return out
-        cuda = self.device.type == "cuda"
         current = torch.cuda.current_stream(self.device) if cuda else None
         side = None
         if self.decode_stream:
             side = getattr(self._local, "decode_stream", None)
             if side is None:
-                side = self._local.decode_stream = torch.cuda.Stream(self.device)
+                # torch maps a priority beyond the device's range to its highest
+                side = self._local.decode_stream = torch.cuda.Stream(
+                    self.device, priority=-100 if self.decode_priority else 0)
         stream = (side or current).cuda_stream if cuda else 0
         step = self.decode_chunk or len(streams)
         imgs: list = []
@@ -274,8 +288,13 @@ class BatchPreprocessor:
     def _decode_chunk(self, streams: list, cuda_stream: int) -> list:
         with self._nv_lock:
             self._make_decoder()
-            imgs = list(self._nv_decoder.decode(streams, params=self._nv_params, cuda_stream=cuda_stream))
-            left = [k for k, im in enumerate(imgs) if im is None]
+        dec = self._take_decoder()
+        try:
+            imgs = list(dec.decode(streams, params=self._nv_params, cuda_stream=cuda_stream))
+        finally:
+            self._nv_free.put(dec)
+        left = [k for k, im in enumerate(imgs) if im is None]
+        with self._nv_lock:
             if left and self._nv_engines and self._nv_fallback is not False:
                 # e.g. progressive JPEGs: a decoder that may also use the CUDA decoder; where
                 # none can be made (seen: "Could not create decoder" for the CUDA decoder
@@ -291,6 +310,10 @@ class BatchPreprocessor:
                     for k, im in zip(left, again, strict=True):
                         imgs[k] = im
         return imgs
+
+    def _take_decoder(self):
+        """A decoder not in use by another thread (waits for one)."""
+        return self._nv_free.get()
 
     def _hold(self, imgs: Sequence[torch.Tensor]) -> None:
         """Keep decoded images (buffers freed in the decode stream's order) until the work

@@ -1,0 +1,138 @@
+"""Where the time of `stage1 extract` goes, phase by phase (CUDA only).
+
+Runs `run_extract` end to end on the extract_bench image set (JPEGs of 1280x720) with
+timers around the pipeline's parts -- the wait for the readers, the wait for and the hold of the decoder's lock, the whole decode call, the
+resize -- and around each batch handed to the model. Prints, per model and setting, the
+first batch (from the pipeline's start to its hand-over) and the median of each phase
+over the later batches, beside the files-to-cache rate.
+
+Usage: OUT=/tmp python benchmarks/extract_phases.py [--n 20000] [--models vitb16 vitl16] [--variants ...]
+Results: $OUT/extract_phases.json (benchmarks/results/extract_phases.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from extract.run import ExtractConfig, more_hardware_queues, run_extract  # noqa: E402
+
+more_hardware_queues()  # before CUDA starts, as stage1 extract does
+
+import extract.pipeline as pipeline  # noqa: E402
+from benchmarks._common import machine  # noqa: E402
+from benchmarks.extract_bench import build_images, save_model  # noqa: E402
+from extract.batch_decode import BatchPreprocessor  # noqa: E402
+from extract.readers import ReaderPool  # noqa: E402
+
+EVENTS: list[tuple[str, str, float, float]] = []  # (phase, thread, start, end)
+
+
+def timed(name: str, fn):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            EVENTS.append((name, threading.current_thread().name, t, time.perf_counter()))
+    return wrapper
+
+
+SETTING: dict = {}  # BatchPreprocessor attributes of the current run
+VARIANTS = {  # name -> settings, each against the defaults of `extract`
+    "defaults": {},
+    "1 decoder": {"decoders": 1},
+    "1 decoder, normal priority": {"decoders": 1, "decode_priority": False},
+}
+
+
+def instrument() -> None:
+    init = BatchPreprocessor.__init__
+
+    def patched_init(self, *a, **k):
+        init(self, *a, **k)
+        for key, value in SETTING.items():
+            setattr(self, key, value)
+
+    BatchPreprocessor.__init__ = patched_init
+    for name in ("decode", "transform", "_decode_chunk"):
+        setattr(BatchPreprocessor, name, timed(name, getattr(BatchPreprocessor, name)))
+    BatchPreprocessor._take_decoder = timed("decoder wait", BatchPreprocessor._take_decoder)
+    ReaderPool.result = timed("read wait", ReaderPool.result)
+    batches = pipeline.gpu_batches
+
+    def patched_batches(*a, **k):
+        EVENTS.append(("pipeline start", "main", time.perf_counter(), time.perf_counter()))
+        for b in batches(*a, **k):
+            EVENTS.append(("batch out", "main", time.perf_counter(), time.perf_counter()))
+            yield b
+
+    pipeline.gpu_batches = patched_batches
+
+
+def summarise(events, decoders: int) -> dict:
+    start = next(e[2] for e in events if e[0] == "pipeline start")
+    outs = [e[2] for e in events if e[0] == "batch out"]
+    first = outs[0]
+    by = collections.defaultdict(list)
+    for name, _, a, b in events:
+        if name not in ("pipeline start", "batch out"):
+            by[name].append((a, b))
+    res = {"first_batch_s": round(first - start, 3),
+           "first_batch_phases_s": {n: round(sum(b - a for a, b in v if b <= first), 3) for n, v in by.items()},
+           "median_interval_ms": round(1e3 * statistics.median(b - a for a, b in zip(outs[1:-1], outs[2:], strict=True)), 1)}
+    steady = {}
+    for n, v in by.items():
+        later = [b - a for a, b in v if a > first]
+        if later:
+            steady[n] = {"median_ms": round(1e3 * statistics.median(later), 1), "calls": len(later)}
+    res["later_phases"] = steady
+    # share of the later time the decoders were busy (1.0: decoding is the bottleneck)
+    busy = sum(b - a for a, b in by.get("_decode_chunk", []) if a > first)
+    busy -= sum(b - a for a, b in by.get("decoder wait", []) if a > first)
+    if outs[-1] > first:
+        res["decoder_busy_share"] = round(busy / (outs[-1] - first) / decoders, 3)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--models", nargs="+", default=["vitb16", "vitl16"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args()
+    out_dir = os.environ.get("OUT", "/tmp")
+    work = "/tmp/stage1-extract-bench"
+    root = os.path.join(work, "images")
+    csv = build_images(root, args.n)
+    res: dict = {"machine": machine(), "n": args.n, "runs": []}
+    instrument()
+    for name in args.models:
+        md = save_model(name, work)
+        for k, variant in enumerate(args.variants):
+            SETTING.clear()
+            SETTING.update(VARIANTS[variant])
+            EVENTS.clear()
+            out = os.path.join(work, f"phases-{name}-{k}")
+            shutil.rmtree(out, ignore_errors=True)
+            s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
+                                          workers=os.cpu_count(), shard_size=8192, decoder="nvimgcodec"))
+            r = {"model": name, "variant": variant, "images_per_s": s["images_per_s"],
+                 "steady_images_per_s": s["steady_images_per_s"],
+                 **summarise(list(EVENTS), SETTING.get("decoders", 1))}
+            res["runs"].append(r)
+            print(json.dumps(r), flush=True)
+            with open(os.path.join(out_dir, "extract_phases.json"), "w") as fh:
+                json.dump(res, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
