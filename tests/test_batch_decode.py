@@ -269,6 +269,58 @@ def test_warm_up_makes_the_decoder_once():
     BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvjpeg").warm_up()  # nothing to make
 
 
+def test_threads_share_a_pool_of_decoders(digits_small):
+    """Threads decoding through one instance take whichever of its decoders is free: every
+    decoder gets used, none by two threads at once, and the images are those one decoder gives."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [f for f in _jpegs(digits_small) if not os.path.basename(f).startswith("broken")]
+    datas = [d for d in (bytearray(open(f, "rb").read()) for f in files) if not needs_cpu(d)]
+    one = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decoders=1)
+    ref = one._decode_nvimgcodec(datas)
+    pool = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decoders=2)
+    pool.warm_up()
+    users: dict[int, int] = {}
+    busy: set[int] = set()
+    lock = threading.Lock()
+    barrier = threading.Barrier(2)
+
+    class Watched:  # records which decoders decode, and that no decoder is used twice at once
+        def __init__(self, dec):
+            self.dec = dec
+
+        def decode(self, *a, **k):
+            with lock:
+                assert id(self) not in busy
+                busy.add(id(self))
+                users[id(self)] = users.get(id(self), 0) + 1
+            try:
+                return self.dec.decode(*a, **k)
+            finally:
+                with lock:
+                    busy.discard(id(self))
+
+    watched = []
+    while not pool._nv_free.empty():
+        watched.append(Watched(pool._nv_free.get()))
+    for w in watched:
+        pool._nv_free.put(w)
+    assert len(watched) == 2
+
+    def run(_):
+        barrier.wait()  # both threads start together: the second must take the other decoder
+        return pool._decode_nvimgcodec(datas)
+
+    with ThreadPoolExecutor(2) as ex:
+        outs = list(ex.map(run, range(2)))
+    assert len(users) == 2
+    for out in outs:
+        assert len(out) == len(ref)
+        for x, y in zip(out, ref, strict=True):
+            assert torch.equal(x, y)
+
+
 def test_engines_probe_runs_once_per_device(monkeypatch):
     calls = []
     monkeypatch.setattr(bd, "_ENGINES", {})
