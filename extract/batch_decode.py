@@ -221,13 +221,28 @@ class BatchPreprocessor:
                     out[i] = im
         return out, sorted(cpu)
 
-    def warm_up(self) -> None:
-        """Make the batch decoder now (up to a second for nvImageCodec) rather than in the
-        first batch; ``run_extract`` calls it while the model compiles, the pipeline (a no-op
-        by then) while the first files are read."""
+    def warm_up(self, sample: bytes | bytearray | None = None, *, copies: int = 32) -> None:
+        """Make the batch decoder(s) now (up to a second each for nvImageCodec) rather than
+        in the first batch. Given a ``sample`` JPEG (e.g. the first input), also decode
+        ``copies`` of it with each decoder and resize them, so that the decoders' buffers,
+        the resize weights for that size and the GPU libraries' handles are ready before
+        the first batch. ``run_extract`` calls it with the first input while the model
+        compiles; the pipeline calls it without (a no-op by then) while the first files
+        are read."""
         if self.decoder == "nvimgcodec":
             with self._nv_lock:
                 self._make_decoder()
+        if sample is None or needs_cpu(sample):
+            return
+        imgs: list[torch.Tensor | None] = []
+        # nothing else decodes yet, so the pool hands out each of its decoders in turn
+        for _ in range(max(1, self.decoders) if self.decoder == "nvimgcodec" else 1):
+            imgs = self.decode([sample] * copies)[0]
+        ok = [im for im in imgs if im is not None]
+        if ok:
+            self.transform(ok)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _make_decoder(self) -> None:
         """Under ``_nv_lock``."""

@@ -332,11 +332,22 @@ def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
 
     preprocessor = None
     if pending and decoder in BATCH_DECODERS:
-        # The batch decoder (up to a second to make) is made while the model moves and compiles.
+        # The batch decoder (up to a second to make) is made, and tried on the first input,
+        # while the model moves and compiles.
         from extract.batch_decode import BatchPreprocessor
 
         preprocessor = BatchPreprocessor(recipe, device, decoder=decoder)
-        threading.Thread(target=_quietly, args=(preprocessor.warm_up,), name="stage1-decoder", daemon=True).start()
+        first = inputs.items[ranges[pending[0]][0]].file
+
+        def warm_up() -> None:  # with the first input: its size is the likeliest one
+            try:
+                with open(first, "rb") as fh:
+                    sample = fh.read()
+            except OSError:  # the pipeline reports it
+                sample = None
+            preprocessor.warm_up(sample)
+
+        threading.Thread(target=_quietly, args=(warm_up,), name="stage1-decoder", daemon=True).start()
     model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backbone = backbone.to(device=device, dtype=model_dtype)
     batch_size = cfg.batch_size or (auto_batch_size(backbone, recipe.output_size, device, model_dtype)

@@ -269,24 +269,22 @@ def test_warm_up_makes_the_decoder_once():
     BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvjpeg").warm_up()  # nothing to make
 
 
-def test_threads_share_a_pool_of_decoders(digits_small):
-    """Threads decoding through one instance take whichever of its decoders is free: every
-    decoder gets used, none by two threads at once, and the images are those one decoder gives."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+def _batchable(digits) -> list[bytearray]:
+    """The demo JPEGs the batch decoder takes (not broken, not CMYK or EXIF-rotated)."""
+    files = [f for f in _jpegs(digits) if not os.path.basename(f).startswith("broken")]
+    return [d for d in (bytearray(open(f, "rb").read()) for f in files) if not needs_cpu(d)]
 
-    files = [f for f in _jpegs(digits_small) if not os.path.basename(f).startswith("broken")]
-    datas = [d for d in (bytearray(open(f, "rb").read()) for f in files) if not needs_cpu(d)]
-    one = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decoders=1)
-    ref = one._decode_nvimgcodec(datas)
-    pool = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decoders=2)
-    pool.warm_up()
+
+def _watch_decoders(bp: BatchPreprocessor) -> dict[int, int]:
+    """Wrap the decoders in ``bp``'s pool: returns {decoder: decode calls}, filled as they
+    decode; a decoder used by two threads at once fails the call."""
+    import threading
+
     users: dict[int, int] = {}
     busy: set[int] = set()
     lock = threading.Lock()
-    barrier = threading.Barrier(2)
 
-    class Watched:  # records which decoders decode, and that no decoder is used twice at once
+    class Watched:
         def __init__(self, dec):
             self.dec = dec
 
@@ -302,11 +300,27 @@ def test_threads_share_a_pool_of_decoders(digits_small):
                     busy.discard(id(self))
 
     watched = []
-    while not pool._nv_free.empty():
-        watched.append(Watched(pool._nv_free.get()))
+    while not bp._nv_free.empty():
+        watched.append(Watched(bp._nv_free.get()))
     for w in watched:
-        pool._nv_free.put(w)
-    assert len(watched) == 2
+        bp._nv_free.put(w)
+    assert len(watched) == bp.decoders
+    return users
+
+
+def test_threads_share_a_pool_of_decoders(digits_small):
+    """Threads decoding through one instance take whichever of its decoders is free: every
+    decoder gets used, none by two threads at once, and the images are those one decoder gives."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    datas = _batchable(digits_small)
+    one = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decoders=1)
+    ref = one._decode_nvimgcodec(datas)
+    pool = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decoders=2)
+    pool.warm_up()
+    barrier = threading.Barrier(2)
+    users = _watch_decoders(pool)
 
     def run(_):
         barrier.wait()  # both threads start together: the second must take the other decoder
@@ -319,6 +333,22 @@ def test_threads_share_a_pool_of_decoders(digits_small):
         assert len(out) == len(ref)
         for x, y in zip(out, ref, strict=True):
             assert torch.equal(x, y)
+
+
+def test_warm_up_with_a_sample_tries_every_decoder_and_the_resize(digits_small):
+    sample = bytes(_batchable(digits_small)[0])
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decoders=2)
+    bp.warm_up()
+    users = _watch_decoders(bp)
+    assert not users and not bp._mats
+    bp.warm_up(sample, copies=3)
+    assert len(users) == 2  # each decoder decoded the sample
+    h, w = bp.decode([sample])[0][0].shape[-2:]
+    assert {h, w} <= {k[0] for k in bp._mats}  # the resize for the sample's size is ready
+    # a sample the batch decoder does not take is left alone
+    other = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    other.warm_up(b"not a jpeg")
+    assert other._nv_decoder is not None and not other._mats
 
 
 def test_engines_probe_runs_once_per_device(monkeypatch):
@@ -335,8 +365,8 @@ def test_engines_probe_runs_once_per_device(monkeypatch):
 
 
 def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_small, tiny_hf, tmp_path, monkeypatch):
-    """`run_extract` with a batch decoder makes it in a helper thread before the model is
-    moved and compiled, and hands that preprocessor to the pipeline (run here on the CPU
+    """`run_extract` with a batch decoder makes it (and tries it on the first input) in a
+    helper thread before the model is moved and compiled, and hands that preprocessor to the pipeline (run here on the CPU
     with nvImageCodec's CPU backend, the decoder choice forced)."""
     import threading
 
@@ -346,9 +376,9 @@ def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_smal
     calls = []
     real = BatchPreprocessor.warm_up
 
-    def warm_up(self):
-        calls.append((threading.current_thread().name, id(self)))
-        real(self)
+    def warm_up(self, sample=None, **k):
+        calls.append((threading.current_thread().name, id(self), bool(sample)))
+        real(self, sample, **k)
 
     made = []
     real_init = BatchPreprocessor.__init__
@@ -365,6 +395,6 @@ def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_smal
                                                   progress=False, workers=0))
     assert s["decoder"] == "nvimgcodec" and s["rows_written"] + s["failures"] == s["inputs"]
     assert len(made) == 1  # the pipeline used the preprocessor made early
-    assert ("stage1-decoder", made[0]) in calls
+    assert ("stage1-decoder", made[0], True) in calls  # and tried on the first input's bytes
     with open_cache(str(tmp_path / "c")) as c:
         assert len(c) == s["rows_written"] and np.isfinite(c.features("cls")).all()
