@@ -49,6 +49,7 @@ def timed(name: str, fn):
 SETTING: dict = {}  # BatchPreprocessor attributes of the current run
 VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "defaults": {},
+    "no warm-up on the first input": {"warm_up_sample": False},
     "1 decoder": {"decoders": 1},
     "1 decoder, normal priority": {"decoders": 1, "decode_priority": False},
 }
@@ -63,6 +64,12 @@ def instrument() -> None:
             setattr(self, key, value)
 
     BatchPreprocessor.__init__ = patched_init
+    warm_up = BatchPreprocessor.warm_up
+
+    def patched_warm_up(self, sample=None, **k):  # "warm_up_sample": False drops the sample
+        warm_up(self, sample if getattr(self, "warm_up_sample", True) else None, **k)
+
+    BatchPreprocessor.warm_up = patched_warm_up
     for name in ("decode", "transform", "_decode_chunk"):
         setattr(BatchPreprocessor, name, timed(name, getattr(BatchPreprocessor, name)))
     BatchPreprocessor._take_decoder = timed("decoder wait", BatchPreprocessor._take_decoder)
