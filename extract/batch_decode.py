@@ -221,10 +221,12 @@ class BatchPreprocessor:
                     out[i] = im
         return out, sorted(cpu)
 
+    WARM_UP_PIXELS = 32 * 1280 * 720  # at most this many pixels per warm-up decode call
+
     def warm_up(self, sample: bytes | bytearray | None = None, *, copies: int = 32) -> None:
         """Make the batch decoder(s) now (up to a second each for nvImageCodec) rather than
         in the first batch. Given a ``sample`` JPEG (e.g. the first input), also decode
-        ``copies`` of it with each decoder and resize them, so that the decoders' buffers,
+        ``copies`` of it (fewer if large, ``WARM_UP_PIXELS``) with each decoder and resize them, so that the decoders' buffers,
         the resize weights for that size and the GPU libraries' handles are ready before
         the first batch. ``run_extract`` calls it with the first input while the model
         compiles; the pipeline calls it without (a no-op by then) while the first files
@@ -234,7 +236,13 @@ class BatchPreprocessor:
                 self._make_decoder()
         if sample is None or needs_cpu(sample):
             return
-        imgs: list[torch.Tensor | None] = []
+        one = self.decode([sample])[0][0]
+        if one is None:
+            return
+        # a large first image gets fewer copies: this memory is taken while the batch size
+        # is chosen from the free memory
+        copies = max(1, min(copies, self.WARM_UP_PIXELS // (one.shape[-2] * one.shape[-1])))
+        imgs: list[torch.Tensor | None] = [one]
         # nothing else decodes yet, so the pool hands out each of its decoders in turn
         for _ in range(max(1, self.decoders) if self.decoder == "nvimgcodec" else 1):
             imgs = self.decode([sample] * copies)[0]

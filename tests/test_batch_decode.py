@@ -275,12 +275,12 @@ def _batchable(digits) -> list[bytearray]:
     return [d for d in (bytearray(open(f, "rb").read()) for f in files) if not needs_cpu(d)]
 
 
-def _watch_decoders(bp: BatchPreprocessor) -> dict[int, int]:
-    """Wrap the decoders in ``bp``'s pool: returns {decoder: decode calls}, filled as they
-    decode; a decoder used by two threads at once fails the call."""
+def _watch_decoders(bp: BatchPreprocessor) -> dict[int, list[int]]:
+    """Wrap the decoders in ``bp``'s pool: returns {decoder: [images per call]}, filled as
+    they decode; a decoder used by two threads at once fails the call."""
     import threading
 
-    users: dict[int, int] = {}
+    users: dict[int, list[int]] = {}
     busy: set[int] = set()
     lock = threading.Lock()
 
@@ -292,7 +292,7 @@ def _watch_decoders(bp: BatchPreprocessor) -> dict[int, int]:
             with lock:
                 assert id(self) not in busy
                 busy.add(id(self))
-                users[id(self)] = users.get(id(self), 0) + 1
+                users.setdefault(id(self), []).append(len(a[0]))
             try:
                 return self.dec.decode(*a, **k)
             finally:
@@ -342,9 +342,14 @@ def test_warm_up_with_a_sample_tries_every_decoder_and_the_resize(digits_small):
     users = _watch_decoders(bp)
     assert not users and not bp._mats
     bp.warm_up(sample, copies=3)
-    assert len(users) == 2  # each decoder decoded the sample
+    assert len(users) == 2 and all(3 in calls for calls in users.values())  # each decoder, 3 copies
     h, w = bp.decode([sample])[0][0].shape[-2:]
     assert {h, w} <= {k[0] for k in bp._mats}  # the resize for the sample's size is ready
+    # a large sample gets fewer copies (here: room for 2 of its size)
+    users.clear()
+    bp.WARM_UP_PIXELS = 2 * h * w + 1
+    bp.warm_up(sample, copies=32)
+    assert max(n for calls in users.values() for n in calls) == 2
     # a sample the batch decoder does not take is left alone
     other = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
     other.warm_up(b"not a jpeg")
