@@ -331,6 +331,7 @@ def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
                            os.path.join(cfg.out, CONFIG_NAME), "extract_config")
 
     preprocessor = None
+    sized = threading.Event()  # set once the batch size is chosen
     if pending and decoder in BATCH_DECODERS:
         # The batch decoder (up to a second to make) is made, and tried on the first input,
         # while the model moves and compiles.
@@ -339,19 +340,24 @@ def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
         preprocessor = BatchPreprocessor(recipe, device, decoder=decoder)
         first = inputs.items[ranges[pending[0]][0]].file
 
-        def warm_up() -> None:  # with the first input: its size is the likeliest one
-            try:
+        def warm_up() -> None:
+            preprocessor.warm_up()
+            try:  # the first input: its size is the likeliest one
                 with open(first, "rb") as fh:
                     sample = fh.read()
             except OSError:  # the pipeline reports it
-                sample = None
+                return
+            sized.wait()  # its decode and resize take memory: not while the batch size is chosen
             preprocessor.warm_up(sample)
 
         threading.Thread(target=_quietly, args=(warm_up,), name="stage1-decoder", daemon=True).start()
     model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backbone = backbone.to(device=device, dtype=model_dtype)
-    batch_size = cfg.batch_size or (auto_batch_size(backbone, recipe.output_size, device, model_dtype)
-                                    if device.type == "cuda" else 64)
+    try:
+        backbone = backbone.to(device=device, dtype=model_dtype)
+        batch_size = cfg.batch_size or (auto_batch_size(backbone, recipe.output_size, device, model_dtype)
+                                        if device.type == "cuda" else 64)
+    finally:
+        sized.set()
     forward = backbone
     compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     t_compile = time.perf_counter()
