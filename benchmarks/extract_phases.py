@@ -7,6 +7,7 @@ first batch (from the pipeline's start to its hand-over) and the median of each 
 over the later batches, beside the files-to-cache rate.
 
 Usage: OUT=/tmp python benchmarks/extract_phases.py [--n 20000] [--models vitb16 vitl16] [--variants ...]
+       [--rounds 2]
 Results: $OUT/extract_phases.json (benchmarks/results/extract_phases.json).
 """
 
@@ -47,6 +48,7 @@ def timed(name: str, fn):
 
 
 SETTING: dict = {}  # BatchPreprocessor attributes of the current run
+MADE: list = []  # the BatchPreprocessors made, in order
 VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "defaults": {},
     "no warm-up on the first input": {"warm_up_sample": False},
@@ -60,6 +62,7 @@ def instrument() -> None:
 
     def patched_init(self, *a, **k):
         init(self, *a, **k)
+        MADE.append(self)
         for key, value in SETTING.items():
             setattr(self, key, value)
 
@@ -115,6 +118,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--models", nargs="+", default=["vitb16", "vitl16"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=1, help="variants run in turn, the order reversed every other round")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "/tmp")
     work = "/tmp/stage1-extract-bench"
@@ -124,7 +128,8 @@ def main() -> None:
     instrument()
     for name in args.models:
         md = save_model(name, work)
-        for k, variant in enumerate(args.variants):
+        order = [v for r in range(args.rounds) for v in (args.variants if r % 2 == 0 else args.variants[::-1])]
+        for k, variant in enumerate(order):
             SETTING.clear()
             SETTING.update(VARIANTS[variant])
             EVENTS.clear()
@@ -132,13 +137,28 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
                                           workers=os.cpu_count(), shard_size=8192, decoder="nvimgcodec"))
-            r = {"model": name, "variant": variant, "images_per_s": s["images_per_s"],
-                 "steady_images_per_s": s["steady_images_per_s"],
-                 **summarise(list(EVENTS), SETTING.get("decoders", 1))}
+            r = {"model": name, "variant": variant, "round": k // len(args.variants),
+                 "images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
+                 **summarise(list(EVENTS), MADE[-1].decoders)}
             res["runs"].append(r)
             print(json.dumps(r), flush=True)
+            res["summary"] = summary(res["runs"])
             with open(os.path.join(out_dir, "extract_phases.json"), "w") as fh:
                 json.dump(res, fh, indent=1)
+    for line in res["summary"]:
+        print(line)
+
+
+def summary(runs: list[dict]) -> list[str]:
+    """One line per (model, variant): files->cache and after-the-first-batch rates, each round."""
+    by: dict = collections.defaultdict(list)
+    for r in runs:
+        by[(r["model"], r["variant"])].append((r["images_per_s"], r["steady_images_per_s"]))
+    def rates(xs) -> str:
+        return ", ".join("-" if v is None else f"{v:,.0f}" for v in xs)
+
+    return [f"{m:7s} {v:32s} files->cache {rates(a for a, _ in x)}; after the first batch {rates(b for _, b in x)}"
+            for (m, v), x in by.items()]
 
 
 if __name__ == "__main__":
