@@ -510,6 +510,7 @@ def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
         "failure_reasons": dict(reasons), "max_failures": limit, "failures_exceeded": total_failures > limit,
         "seconds": round(seconds, 3), "images_per_s": round(n_pending / seconds, 1) if seconds > 0 and n_pending else None,
         "steady_images_per_s": round((n_pending - first_batch) / steady, 1) if steady > 0 else None,
+        "first_batch_seconds": round(t_first - t0, 3) if t_first is not None else None,
         "compile_seconds": round(compile_seconds, 3),
         "batch_size": batch_size, "decoder": decoder, "compiled": compile_on, "rank": rank, "world_size": world,
         "device": str(device), "fingerprint": fingerprint, "backbone": cfg.backbone,

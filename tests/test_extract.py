@@ -67,8 +67,10 @@ def test_rerun_skips_and_other_backbone_refused(digits_small, tmp_path, tiny_hf,
     out = tmp_path / "c"
     first = run_extract(_cfg(digits_small, tiny_hf, out))
     before = {f: os.path.getmtime(out / f) for f in os.listdir(out) if f.endswith(".h5")}
+    assert 0 <= first["first_batch_seconds"] <= first["seconds"]
     again = run_extract(_cfg(digits_small, tiny_hf, out))
     assert again["shards_written"] == 0 and again["shards_skipped"] == first["shards"]
+    assert again["first_batch_seconds"] is None  # nothing to extract
     assert before == {f: os.path.getmtime(out / f) for f in os.listdir(out) if f.endswith(".h5")}
     with pytest.raises(Stage1Error, match="already holds a cache built with backbone"):
         run_extract(_cfg(digits_small, tiny_timm, out))
