@@ -226,9 +226,9 @@ class BatchPreprocessor:
     def warm_up(self, sample: bytes | bytearray | None = None, *, copies: int = 32) -> None:
         """Make the batch decoder(s) now (up to a second each for nvImageCodec) rather than
         in the first batch. Given a ``sample`` JPEG (e.g. the first input), also decode
-        ``copies`` of it (fewer if large, ``WARM_UP_PIXELS``) with each decoder and resize them, so that the decoders' buffers,
-        the resize weights for that size and the GPU libraries' handles are ready before
-        the first batch. ``run_extract`` calls it with the first input while the model
+        ``copies`` of it (fewer if large: ``WARM_UP_PIXELS``) with each decoder and resize
+        them, so that the decoders' buffers, the resize weights for that size and the GPU
+        libraries' handles are ready before the first batch. ``run_extract`` calls it with the first input while the model
         compiles; the pipeline calls it without (a no-op by then) while the first files
         are read."""
         if self.decoder == "nvimgcodec":
@@ -317,21 +317,22 @@ class BatchPreprocessor:
         finally:
             self._nv_free.put(dec)
         left = [k for k, im in enumerate(imgs) if im is None]
+        if not left or not self._nv_engines:
+            return imgs
         with self._nv_lock:
-            if left and self._nv_engines and self._nv_fallback is not False:
-                # e.g. progressive JPEGs: a decoder that may also use the CUDA decoder; where
-                # none can be made (seen: "Could not create decoder" for the CUDA decoder
-                # alone), these images take the per-image CPU path
-                if self._nv_fallback is None:
-                    try:
-                        self._nv_fallback = _make_nvimgcodec_decoder(self.device, kind="any")
-                    except RuntimeError:
-                        self._nv_fallback = False
-                if self._nv_fallback is not False:
-                    again = self._nv_fallback.decode([streams[k] for k in left], params=self._nv_params,
-                                                     cuda_stream=cuda_stream)
-                    for k, im in zip(left, again, strict=True):
-                        imgs[k] = im
+            # e.g. progressive JPEGs: a decoder that may also use the CUDA decoder; where
+            # none can be made (seen: "Could not create decoder" for the CUDA decoder
+            # alone), these images take the per-image CPU path
+            if self._nv_fallback is None:
+                try:
+                    self._nv_fallback = _make_nvimgcodec_decoder(self.device, kind="any")
+                except RuntimeError:
+                    self._nv_fallback = False
+            if self._nv_fallback is not False:
+                again = self._nv_fallback.decode([streams[k] for k in left], params=self._nv_params,
+                                                 cuda_stream=cuda_stream)
+                for k, im in zip(left, again, strict=True):
+                    imgs[k] = im
         return imgs
 
     def _take_decoder(self):
