@@ -54,6 +54,7 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "no warm-up on the first input": {"warm_up_sample": False},
     "1 decoder": {"decoders": 1},
     "1 decoder, normal priority": {"decoders": 1, "decode_priority": False},
+    "not preallocated": {"preallocate": False},  # the engines' memory pool grown while decoding
 }
 
 
@@ -69,8 +70,10 @@ def instrument() -> None:
     BatchPreprocessor.__init__ = patched_init
     warm_up = BatchPreprocessor.warm_up
 
-    def patched_warm_up(self, sample=None, **k):  # "warm_up_sample": False drops the sample
-        warm_up(self, sample if getattr(self, "warm_up_sample", True) else None, **k)
+    def patched_warm_up(self, sample=None, **k):  # "warm_up_sample": False: no decode of the sample
+        if k.get("decode", True) and not getattr(self, "warm_up_sample", True):
+            return
+        warm_up(self, sample, **k)
 
     BatchPreprocessor.warm_up = patched_warm_up
     for name in ("decode", "transform", "_decode_chunk"):

@@ -82,9 +82,10 @@ def nvimgcodec() -> ModuleType | None:
     return _NVIMGCODEC[0]
 
 
-def _make_nvimgcodec_decoder(device: torch.device, *, kind: str = "any"):
+def _make_nvimgcodec_decoder(device: torch.device, *, kind: str = "any", options: str = ""):
     """An nvImageCodec decoder. ``kind``: ``'hardware'`` (the JPEG engines only) or
-    ``'any'`` (the engines, then nvImageCodec's CUDA decoder)."""
+    ``'any'`` (the engines, then nvImageCodec's CUDA decoder); ``options``: nvImageCodec's
+    decoder options string."""
     n = nvimgcodec()
     if device.type == "cuda":
         kinds = [n.BackendKind.HW_GPU_ONLY] + ([n.BackendKind.GPU_ONLY] if kind == "any" else [])
@@ -92,7 +93,7 @@ def _make_nvimgcodec_decoder(device: torch.device, *, kind: str = "any"):
     else:
         kinds, dev = [n.BackendKind.CPU_ONLY], n.NVIMGCODEC_DEVICE_CPU_ONLY
     with _quiet_stderr():
-        return n.Decoder(device_id=dev, backends=[n.Backend(k) for k in kinds])
+        return n.Decoder(device_id=dev, backends=[n.Backend(k) for k in kinds], options=options)
 
 
 _ENGINES: dict[int, bool] = {}  # device index -> answer of the probe
@@ -161,7 +162,8 @@ class BatchPreprocessor:
 
     def __init__(self, recipe: Preprocessing, device: torch.device, *, decoder: str = "nvjpeg",
                  decode_stream: bool = True, decode_chunk: int = 0,
-                 decoders: int = 2, decode_priority: bool = True) -> None:
+                 decoders: int = 2, decode_priority: bool = True, preallocate: bool = True,
+                 decoder_options: str = "") -> None:
         if decoder not in BATCH_DECODERS:
             raise ValueError(f"decoder must be one of {BATCH_DECODERS}, got {decoder!r}")
         if decoder == "nvimgcodec" and nvimgcodec() is None:
@@ -177,6 +179,11 @@ class BatchPreprocessor:
         # group of images (one per JPEG engine core) before it starts the next, so its
         # kernels should not queue behind the model's (measured: within noise either way)
         self.decode_priority = decode_priority
+        # the JPEG engines' memory pool made with the decoders, for images of the size of the
+        # sample given to warm_up (else grown during the first decodes): measured 6-14 % more
+        # files per second end to end beside ViT-L/16 (benchmarks/NOTES.md)
+        self.preallocate = preallocate
+        self.decoder_options = decoder_options  # nvImageCodec's options string for its decoders
         self._local = threading.local()
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
@@ -223,18 +230,20 @@ class BatchPreprocessor:
 
     WARM_UP_PIXELS = 32 * 1280 * 720  # at most this many pixels per warm-up decode call
 
-    def warm_up(self, sample: bytes | bytearray | None = None, *, copies: int = 32) -> None:
+    def warm_up(self, sample: bytes | bytearray | None = None, *, copies: int = 32, decode: bool = True) -> None:
         """Make the batch decoder(s) now (up to a second each for nvImageCodec) rather than
-        in the first batch. Given a ``sample`` JPEG (e.g. the first input), also decode
-        ``copies`` of it (fewer if large: ``WARM_UP_PIXELS``) with each decoder and resize
-        them, so that the decoders' buffers, the resize weights for that size and the GPU
-        libraries' handles are ready before the first batch. ``run_extract`` calls it with the first input while the model
-        compiles; the pipeline calls it without (a no-op by then) while the first files
-        are read."""
+        in the first batch, with the JPEG engines' memory pool sized for a ``sample`` JPEG's
+        size (e.g. the first input's) where one is given (``preallocate``). With ``decode``,
+        also decode ``copies`` of the sample (fewer if large: ``WARM_UP_PIXELS``) with each
+        decoder and resize them, so that the decoders' buffers, the resize weights for that
+        size and the GPU libraries' handles are ready before the first batch.
+        ``run_extract`` calls it with the first input while the model compiles; the pipeline
+        calls it without (a no-op by then) while the first files are read."""
+        usable = sample is not None and not needs_cpu(sample)
         if self.decoder == "nvimgcodec":
             with self._nv_lock:
-                self._make_decoder()
-        if sample is None or needs_cpu(sample):
+                self._make_decoder(sample if usable else None)
+        if not usable or not decode:
             return
         one = self.decode([sample])[0][0]
         if one is None:
@@ -252,16 +261,27 @@ class BatchPreprocessor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _make_decoder(self) -> None:
-        """Under ``_nv_lock``."""
+    def _make_decoder(self, sample: bytes | bytearray | None = None) -> None:
+        """Under ``_nv_lock``. ``sample``: a JPEG the engines' memory pool is sized for."""
         if self._nv_decoder is None:
             n = nvimgcodec()
+            options = self.decoder_options
+            if self.preallocate and sample is not None:
+                try:
+                    cs = n.CodeStream(np.frombuffer(sample, dtype=np.uint8))
+                    # room for one image of this size per engine core (nvImageCodec rounds the
+                    # batch size up to the engines' mini-batch)
+                    hints = {"width_hint": cs.width, "height_hint": cs.height, "batch_size": 1}
+                    options = " ".join([options] + [f"nvjpeg_hw_decoder:preallocate_{k}={v}" for k, v in hints.items()])
+                except RuntimeError:  # unparsable: no hint
+                    pass
             # Beside the model, a decoder that may use both the engines and the CUDA decoder
             # finished one batch a second (benchmarks/NOTES.md, H200): its work waited for
             # all compute queued on the GPU. One with the engines alone kept its rate, so
             # the batch goes to the engines alone and only what they refuse goes further.
             self._nv_engines = has_jpeg_engines(self.device)
-            made = [_make_nvimgcodec_decoder(self.device, kind="hardware" if self._nv_engines else "any")
+            made = [_make_nvimgcodec_decoder(self.device, kind="hardware" if self._nv_engines else "any",
+                                             options=options.strip())
                     for _ in range(max(1, self.decoders))]
             for d in made:
                 self._nv_free.put(d)

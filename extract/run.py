@@ -341,14 +341,15 @@ def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
         first = inputs.items[ranges[pending[0]][0]].file
 
         def warm_up() -> None:
-            preprocessor.warm_up()
             try:  # the first input: its size is the likeliest one
                 with open(first, "rb") as fh:
                     sample = fh.read()
             except OSError:  # the pipeline reports it
-                return
-            sized.wait()  # its decode and resize take memory: not while the batch size is chosen
-            preprocessor.warm_up(sample)
+                sample = None
+            preprocessor.warm_up(sample, decode=False)  # the decoders, their memory sized for the sample
+            if sample is not None:
+                sized.wait()  # its decode and resize take memory: not while the batch size is chosen
+                preprocessor.warm_up(sample)
 
         threading.Thread(target=_quietly, args=(warm_up,), name="stage1-decoder", daemon=True).start()
     model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -269,6 +269,36 @@ def test_warm_up_makes_the_decoder_once():
     BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvjpeg").warm_up()  # nothing to make
 
 
+def test_decoders_preallocate_for_the_warm_up_sample(digits_small, monkeypatch):
+    """Given a sample, the decoders are made with the JPEG engines' memory pool sized for its
+    width and height (nvImageCodec's ``nvjpeg_hw_decoder:preallocate_*`` options, which its
+    CPU backend ignores); without one, or with ``preallocate=False``, with no hint."""
+    from PIL import Image
+
+    sample = bytes(_batchable(digits_small)[0])
+    w, h = Image.open(__import__("io").BytesIO(sample)).size
+    seen = []
+    real = bd._make_nvimgcodec_decoder
+
+    def make(device, **k):
+        seen.append(k.get("options", ""))
+        return real(device, **k)
+
+    monkeypatch.setattr(bd, "_make_nvimgcodec_decoder", make)
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decoders=2)
+    bp.warm_up(sample, decode=False)
+    assert len(seen) == 2 and all(o == seen[0] for o in seen)
+    opts = dict(t.split(":", 1)[1].split("=") for t in seen[0].split())
+    assert opts == {"preallocate_width_hint": str(w), "preallocate_height_hint": str(h), "preallocate_batch_size": "1"}
+    assert all(t.startswith("nvjpeg_hw_decoder:") for t in seen[0].split())
+    assert not bp._mats  # decode=False: the decoders only
+    assert bp.decode([sample])[0][0] is not None  # a decoder made with the options decodes
+    for kw, arg in (({}, None), ({"preallocate": False}, sample), ({}, b"not a jpeg")):
+        seen.clear()
+        BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", **kw).warm_up(arg)
+        assert seen and all(o == "" for o in seen)
+
+
 def _batchable(digits) -> list[bytearray]:
     """The demo JPEGs the batch decoder takes (not broken, not CMYK or EXIF-rotated)."""
     files = [f for f in _jpegs(digits) if not os.path.basename(f).startswith("broken")]
@@ -400,6 +430,7 @@ def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_smal
                                                   progress=False, workers=0))
     assert s["decoder"] == "nvimgcodec" and s["rows_written"] + s["failures"] == s["inputs"]
     assert len(made) == 1  # the pipeline used the preprocessor made early
-    assert ("stage1-decoder", made[0], True) in calls  # and tried on the first input's bytes
+    # the decoders made for, then tried on, the first input's bytes
+    assert [c for c in calls if c[0] == "stage1-decoder"] == [("stage1-decoder", made[0], True)] * 2
     with open_cache(str(tmp_path / "c")) as c:
         assert len(c) == s["rows_written"] and np.isfinite(c.features("cls")).all()
