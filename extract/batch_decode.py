@@ -229,6 +229,9 @@ class BatchPreprocessor:
         return out, sorted(cpu)
 
     WARM_UP_PIXELS = 32 * 1280 * 720  # at most this many pixels per warm-up decode call
+    # a larger first image sizes no memory pool: it is made before the batch size is chosen,
+    # and one image per engine core of, say, 48 MP would take gigabytes
+    PREALLOCATE_PIXELS = 2560 * 1440
 
     def warm_up(self, sample: bytes | bytearray | None = None, *, copies: int = 32, decode: bool = True) -> None:
         """Make the batch decoder(s) now (up to a second each for nvImageCodec) rather than
@@ -269,12 +272,14 @@ class BatchPreprocessor:
             if self.preallocate and sample is not None:
                 try:
                     cs = n.CodeStream(np.frombuffer(sample, dtype=np.uint8))
+                    w, h = cs.width, cs.height
+                except RuntimeError:  # unparsable: no hint
+                    w = h = 0
+                if 0 < w * h <= self.PREALLOCATE_PIXELS:
                     # room for one image of this size per engine core (nvImageCodec rounds the
                     # batch size up to the engines' mini-batch)
-                    hints = {"width_hint": cs.width, "height_hint": cs.height, "batch_size": 1}
+                    hints = {"width_hint": w, "height_hint": h, "batch_size": 1}
                     options = " ".join([options] + [f"nvjpeg_hw_decoder:preallocate_{k}={v}" for k, v in hints.items()])
-                except RuntimeError:  # unparsable: no hint
-                    pass
             # Beside the model, a decoder that may use both the engines and the CUDA decoder
             # finished one batch a second (benchmarks/NOTES.md, H200): its work waited for
             # all compute queued on the GPU. One with the engines alone kept its rate, so

@@ -293,9 +293,13 @@ def test_decoders_preallocate_for_the_warm_up_sample(digits_small, monkeypatch):
     assert all(t.startswith("nvjpeg_hw_decoder:") for t in seen[0].split())
     assert not bp._mats  # decode=False: the decoders only
     assert bp.decode([sample])[0][0] is not None  # a decoder made with the options decodes
-    for kw, arg in (({}, None), ({"preallocate": False}, sample), ({}, b"not a jpeg")):
+    for kw, arg in (({}, None), ({"preallocate": False}, sample), ({}, b"not a jpeg"), ({"big": True}, sample)):
         seen.clear()
-        BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", **kw).warm_up(arg)
+        other = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec",
+                                  **{k: v for k, v in kw.items() if k != "big"})
+        if kw.get("big"):  # a first image larger than the bound sizes no pool
+            other.PREALLOCATE_PIXELS = w * h - 1
+        other.warm_up(arg)
         assert seen and all(o == "" for o in seen)
 
 
