@@ -55,7 +55,9 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "1 decoder": {"decoders": 1},
     "1 decoder, normal priority": {"decoders": 1, "decode_priority": False},
     "not preallocated": {"preallocate": False},  # the engines' memory pool grown while decoding
+    "first batch not alone": {"first_alone": False},  # the first batch shares the decoders from the start
 }
+PIPELINE_KEYS = {"first_alone"}  # settings of gpu_batches, not of the BatchPreprocessor
 
 
 def instrument() -> None:
@@ -65,7 +67,8 @@ def instrument() -> None:
         init(self, *a, **k)
         MADE.append(self)
         for key, value in SETTING.items():
-            setattr(self, key, value)
+            if key not in PIPELINE_KEYS:
+                setattr(self, key, value)
 
     BatchPreprocessor.__init__ = patched_init
     warm_up = BatchPreprocessor.warm_up
@@ -83,6 +86,7 @@ def instrument() -> None:
     batches = pipeline.gpu_batches
 
     def patched_batches(*a, **k):
+        k.update({key: v for key, v in SETTING.items() if key in PIPELINE_KEYS})
         EVENTS.append(("pipeline start", "main", time.perf_counter(), time.perf_counter()))
         for b in batches(*a, **k):
             EVENTS.append(("batch out", "main", time.perf_counter(), time.perf_counter()))

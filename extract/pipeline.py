@@ -40,7 +40,7 @@ def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | 
 
 def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Preprocessing, device: torch.device,
                 *, decoder: str = "nvjpeg", readers: int | ReaderPool = 8, threads: int = 8, decoders: int = 4,
-                prefetch: int = 6, preprocessor: BatchPreprocessor | None = None
+                prefetch: int = 6, preprocessor: BatchPreprocessor | None = None, first_alone: bool = True
                 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
     """Yield ``(indices, x on device, sha256s, failures)`` per batch, in order.
 
@@ -50,7 +50,10 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
     possible), or in a :class:`ReaderPool` the caller made (and closes); odd files are
     decoded on the CPU in a pool of ``threads``. ``decoder``: the batch decoder
     (:data:`extract.batch_decode.BATCH_DECODERS`); ``preprocessor``: a
-    :class:`BatchPreprocessor` to use instead of a default one.
+    :class:`BatchPreprocessor` to use instead of a default one. ``first_alone``: the other
+    batches start only once the first is prepared, so that it has the decoders (and the
+    JPEG engines they share) to itself and reaches the model in one batch's decode time
+    instead of sharing them with the batches behind it.
     """
     bp = preprocessor or BatchPreprocessor(recipe, device, decoder=decoder)
     tf = recipe.transform()
@@ -60,12 +63,23 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
     dec = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="stage1-decode")
     local = threading.local()
     reads: dict[int, list] = {}
+    first_done = threading.Event()
 
     def submit_reads(bi: int) -> None:
         if bi < len(batches):
             reads[bi] = reader.submit([items[i].file for i in batches[bi]])
 
     def prepare(bi: int):
+        if bi == 0:
+            try:
+                return _prepare(bi)
+            finally:  # also when it fails: the others go on (and the consumer sees the error)
+                first_done.set()
+        if first_alone:
+            first_done.wait()
+        return _prepare(bi)
+
+    def _prepare(bi: int):
         b = batches[bi]
         got = reader.result(reads.pop(bi))
         failed = [(i, r.reason) for i, r in zip(b, got, strict=True) if r.reason is not None]

@@ -142,6 +142,56 @@ def test_pipeline_batches_in_order_with_failures(digits_small, decoder):
         "broken_truncated.jpg", "broken_not_an_image.jpg", "broken_empty.png"}
 
 
+def test_pipeline_prepares_the_first_batch_alone(digits_small):
+    """No other batch starts decoding before the first is prepared (it has the decoders to
+    itself); the batches are the same either way; a first batch that fails is reported,
+    not waited for."""
+    import threading
+    import time
+
+    from extract.pipeline import gpu_batches
+    from extract.sources import build_input_list
+
+    il = build_input_list([digits_small["root"]], [digits_small["train"]])
+    good = [i for i, it in enumerate(il.items) if not needs_cpu(open(it.file, "rb").read())]
+    batches = [good[s:s + 4] for s in range(0, 16, 4)]
+    first = bytes(open(il.items[batches[0][0]].file, "rb").read())
+
+    class Slow(BatchPreprocessor):
+        calls: list = []
+
+        def decode(self, datas, **k):
+            t = time.perf_counter()
+            time.sleep(0.05)
+            out = super().decode(datas, **k)
+            self.calls.append((bytes(datas[0]) == first, t, time.perf_counter(), threading.current_thread().name))
+            return out
+
+    def run(first_alone):
+        bp = Slow(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+        bp.calls = []
+        got = [(idx, shas) for idx, _, shas, _ in gpu_batches(
+            il.items, batches, Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", readers=2, threads=2,
+            decoders=4, prefetch=4, preprocessor=bp, first_alone=first_alone)]
+        return got, bp.calls
+
+    got, calls = run(True)
+    (end0,) = [end for is_first, _, end, _ in calls if is_first]
+    assert len(calls) == 4 and all(start >= end0 for is_first, start, _, _ in calls if not is_first)
+    assert got == run(False)[0] and [idx for idx, _ in got] == batches
+
+    class Broken(BatchPreprocessor):
+        def decode(self, datas, **k):
+            if bytes(datas[0]) == first:
+                raise RuntimeError("the first batch fails")
+            return super().decode(datas, **k)
+
+    with pytest.raises(RuntimeError, match="the first batch fails"):
+        list(gpu_batches(il.items, batches, Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", readers=2,
+                         threads=2, decoders=4, prefetch=4,
+                         preprocessor=Broken(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")))
+
+
 def test_pipeline_uses_a_reader_pool_it_is_given_and_leaves_it_open(digits_small):
     """`run_extract` starts the reader processes before loading the model (a small process
     forks fast) and hands the pool to the pipeline, which must use it and not close it."""
