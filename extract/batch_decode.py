@@ -180,8 +180,8 @@ class BatchPreprocessor:
         # kernels should not queue behind the model's (measured: within noise either way)
         self.decode_priority = decode_priority
         # the JPEG engines' memory pool made with the decoders, for images of the size of the
-        # sample given to warm_up (else grown during the first decodes): measured 6-14 % more
-        # files per second end to end beside ViT-L/16 (benchmarks/NOTES.md)
+        # sample given to warm_up (else grown while decoding): in four A/B rounds beside
+        # ViT-L/16, 0-28 % more files per second end to end (benchmarks/NOTES.md)
         self.preallocate = preallocate
         self.decoder_options = decoder_options  # nvImageCodec's options string for its decoders
         self._local = threading.local()
