@@ -277,14 +277,19 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
         from extract.readers import ReaderPool
 
         readers = ReaderPool(cfg.workers, threads=4)
+    helpers: list[threading.Thread] = []
     try:
-        return _run_extract(cfg, readers)
+        return _run_extract(cfg, readers, helpers)
     finally:
+        # the decoders' warm-up thread ends before this returns: a process that exits while
+        # it is inside nvImageCodec aborts ("terminate called without an active exception")
+        for th in helpers:
+            th.join()
         if readers is not None:
             readers.close()
 
 
-def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
+def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -> dict[str, Any]:
     from headlab import __version__
 
     rank, world, local_rank = dist_info()
@@ -351,7 +356,8 @@ def _run_extract(cfg: ExtractConfig, readers) -> dict[str, Any]:
                 sized.wait()  # its decode and resize take memory: not while the batch size is chosen
                 preprocessor.warm_up(sample)
 
-        threading.Thread(target=_quietly, args=(warm_up,), name="stage1-decoder", daemon=True).start()
+        helpers.append(threading.Thread(target=_quietly, args=(warm_up,), name="stage1-decoder", daemon=True))
+        helpers[-1].start()
     model_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         backbone = backbone.to(device=device, dtype=model_dtype)
