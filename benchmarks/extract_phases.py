@@ -56,6 +56,9 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "1 decoder, normal priority": {"decoders": 1, "decode_priority": False},
     "not preallocated": {"preallocate": False},  # the engines' memory pool grown while decoding
     "first batch not alone": {"first_alone": False},  # the first batch shares the decoders from the start
+    # each batch split: at most this share to the JPEG engines, the rest to the CUDA decoder (SMs)
+    "engines 85 %": {"engine_share": 0.85},
+    "engines 70 %": {"engine_share": 0.7},
 }
 PIPELINE_KEYS = {"first_alone"}  # settings of gpu_batches, not of the BatchPreprocessor
 

@@ -82,18 +82,23 @@ def nvimgcodec() -> ModuleType | None:
     return _NVIMGCODEC[0]
 
 
-def _make_nvimgcodec_decoder(device: torch.device, *, kind: str = "any", options: str = ""):
+def _make_nvimgcodec_decoder(device: torch.device, *, kind: str = "any", options: str = "",
+                             engine_share: float = 1.0):
     """An nvImageCodec decoder. ``kind``: ``'hardware'`` (the JPEG engines only) or
     ``'any'`` (the engines, then nvImageCodec's CUDA decoder); ``options``: nvImageCodec's
-    decoder options string."""
+    decoder options string; ``engine_share`` below 1: at most that share of each batch goes
+    to the engines (their backend's load hint) and the rest to the CUDA decoder, whatever
+    ``kind``."""
     n = nvimgcodec()
     if device.type == "cuda":
-        kinds = [n.BackendKind.HW_GPU_ONLY] + ([n.BackendKind.GPU_ONLY] if kind == "any" else [])
+        backends = [n.Backend(n.BackendKind.HW_GPU_ONLY, load_hint=engine_share)]
+        if kind == "any" or engine_share < 1:
+            backends.append(n.Backend(n.BackendKind.GPU_ONLY))
         dev = device.index if device.index is not None else torch.cuda.current_device()
     else:
-        kinds, dev = [n.BackendKind.CPU_ONLY], n.NVIMGCODEC_DEVICE_CPU_ONLY
+        backends, dev = [n.Backend(n.BackendKind.CPU_ONLY)], n.NVIMGCODEC_DEVICE_CPU_ONLY
     with _quiet_stderr():
-        return n.Decoder(device_id=dev, backends=[n.Backend(k) for k in kinds], options=options)
+        return n.Decoder(device_id=dev, backends=backends, options=options)
 
 
 _ENGINES: dict[int, bool] = {}  # device index -> answer of the probe
@@ -163,7 +168,7 @@ class BatchPreprocessor:
     def __init__(self, recipe: Preprocessing, device: torch.device, *, decoder: str = "nvjpeg",
                  decode_stream: bool = True, decode_chunk: int = 0,
                  decoders: int = 2, decode_priority: bool = True, preallocate: bool = True,
-                 decoder_options: str = "") -> None:
+                 decoder_options: str = "", engine_share: float = 1.0) -> None:
         if decoder not in BATCH_DECODERS:
             raise ValueError(f"decoder must be one of {BATCH_DECODERS}, got {decoder!r}")
         if decoder == "nvimgcodec" and nvimgcodec() is None:
@@ -184,6 +189,9 @@ class BatchPreprocessor:
         # ViT-L/16, 0-28 % more files per second end to end (benchmarks/NOTES.md)
         self.preallocate = preallocate
         self.decoder_options = decoder_options  # nvImageCodec's options string for its decoders
+        # share of each batch for the JPEG engines; the rest goes to nvImageCodec's CUDA decoder
+        # on the SMs (more decode capacity, taken from the model; not yet measured)
+        self.engine_share = engine_share
         self._local = threading.local()
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
@@ -286,7 +294,7 @@ class BatchPreprocessor:
             # the batch goes to the engines alone and only what they refuse goes further.
             self._nv_engines = has_jpeg_engines(self.device)
             made = [_make_nvimgcodec_decoder(self.device, kind="hardware" if self._nv_engines else "any",
-                                             options=options.strip())
+                                             options=options.strip(), engine_share=self.engine_share)
                     for _ in range(max(1, self.decoders))]
             for d in made:
                 self._nv_free.put(d)

@@ -353,6 +353,36 @@ def test_decoders_preallocate_for_the_warm_up_sample(digits_small, monkeypatch):
         assert seen and all(o == "" for o in seen)
 
 
+def test_engine_share_splits_each_batch_between_the_engines_and_the_cuda_decoder(monkeypatch):
+    """On a GPU, ``engine_share`` below 1 becomes the engines' backend load hint, with
+    nvImageCodec's CUDA decoder behind them for the rest (checked on a stand-in module: the
+    backends a decoder is made with)."""
+    import types
+
+    made = []
+
+    class Backend:
+        def __init__(self, kind, load_hint=1.0):
+            self.kind, self.load_hint = kind, load_hint
+
+    fake = types.SimpleNamespace(
+        Backend=Backend, BackendKind=types.SimpleNamespace(HW_GPU_ONLY="hw", GPU_ONLY="cuda", CPU_ONLY="cpu"),
+        NVIMGCODEC_DEVICE_CPU_ONLY=-99,
+        Decoder=lambda **k: made.append((k["device_id"], [(b.kind, b.load_hint) for b in k["backends"]])))
+    monkeypatch.setattr(bd, "_NVIMGCODEC", [fake])
+    gpu = torch.device("cuda", 1)
+    for kw, want in (({"kind": "hardware"}, [("hw", 1.0)]),
+                     ({"kind": "any"}, [("hw", 1.0), ("cuda", 1.0)]),
+                     ({"kind": "hardware", "engine_share": 0.8}, [("hw", 0.8), ("cuda", 1.0)]),
+                     ({"kind": "any", "engine_share": 0.7}, [("hw", 0.7), ("cuda", 1.0)])):
+        made.clear()
+        bd._make_nvimgcodec_decoder(gpu, **kw)
+        assert made == [(1, want)], kw
+    made.clear()
+    bd._make_nvimgcodec_decoder(torch.device("cpu"), engine_share=0.5)  # no engines on a CPU
+    assert made == [(-99, [("cpu", 1.0)])]
+
+
 def _batchable(digits) -> list[bytearray]:
     """The demo JPEGs the batch decoder takes (not broken, not CMYK or EXIF-rotated)."""
     files = [f for f in _jpegs(digits) if not os.path.basename(f).startswith("broken")]
