@@ -323,10 +323,12 @@ def test_decoders_preallocate_for_the_warm_up_sample(digits_small, monkeypatch):
     """Given a sample, the decoders are made with the JPEG engines' memory pool sized for its
     width and height (nvImageCodec's ``nvjpeg_hw_decoder:preallocate_*`` options, which its
     CPU backend ignores); without one, or with ``preallocate=False``, with no hint."""
+    import io
+
     from PIL import Image
 
     sample = bytes(_batchable(digits_small)[0])
-    w, h = Image.open(__import__("io").BytesIO(sample)).size
+    w, h = Image.open(io.BytesIO(sample)).size
     seen = []
     real = bd._make_nvimgcodec_decoder
 
