@@ -258,6 +258,40 @@ def more_hardware_queues(n: int = 32) -> bool:
     return True
 
 
+def narrow_to_local_gpu(device: str = "auto") -> bool:
+    """Under torchrun, show each process only its own GPU (``CUDA_VISIBLE_DEVICES``), before
+    CUDA starts; True if narrowed here, and the process's GPU is then ``cuda:0``.
+
+    torch's compile caches are keyed by the device, so a rank on ``cuda:1`` compiled its
+    model again (48 s against rank 0's 11 s on two H200s, benchmarks/NOTES.md); narrowed,
+    every rank looks up the same entries. Left alone when: not distributed, an explicit
+    ``cuda:N`` or ``cpu`` was asked for, CUDA has already started (the variable would be
+    ignored), or there are fewer GPUs than local ranks (ranks then share GPUs as before)."""
+    _, world, local_rank = dist_info()
+    if world == 1 or device not in ("auto", "cuda") or torch.cuda.is_initialized():
+        return False
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+    else:  # NVML's count: does not start CUDA
+        ids = [str(i) for i in range(max(torch.cuda.device_count(), 0))]
+    if len(ids) < 2 or local_rank >= len(ids):
+        return False
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank]
+    return True
+
+
+def _local_cuda_device(local_rank: int, world: int) -> torch.device:
+    """The device of this process when none was named: the first visible one when this
+    process was narrowed to its GPU (or runs alone), else ``cuda:LOCAL_RANK``."""
+    if world == 1:
+        return torch.device("cuda", torch.cuda.current_device())
+    # the driver's own count: it reflects the narrowing only if CUDA started after it
+    if torch._C._cuda_getDeviceCount() == 1:
+        return torch.device("cuda", 0)
+    return torch.device("cuda", local_rank)
+
+
 def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract features for every input; returns a summary dict.
 
@@ -268,6 +302,7 @@ def run_extract(cfg: ExtractConfig) -> dict[str, Any]:
     """
     cfg.validate()
     if cfg.device != "cpu":
+        narrow_to_local_gpu(cfg.device)
         more_hardware_queues()
     readers = None
     if resolve_device(cfg.device).type == "cuda" and cfg.decoder != "pil" and cfg.workers > 0:
@@ -300,7 +335,7 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         raise Stage1Error(f"{cfg.out}: --out must be a directory (it is a file)")
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        device = _local_cuda_device(local_rank, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # events and streams follow the current device
     decoder = _choose_decoder(cfg, device)
@@ -520,5 +555,6 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         "first_batch_seconds": round(t_first - t0, 3) if t_first is not None else None,
         "compile_seconds": round(compile_seconds, 3),
         "batch_size": batch_size, "decoder": decoder, "compiled": compile_on, "rank": rank, "world_size": world,
-        "device": str(device), "fingerprint": fingerprint, "backbone": cfg.backbone,
+        "device": str(device), "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES") if device.type == "cuda" else None,
+        "fingerprint": fingerprint, "backbone": cfg.backbone,
     }

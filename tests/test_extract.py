@@ -129,6 +129,37 @@ def test_resume_after_sigkill_is_bitwise_identical(digits_small, tmp_path, tiny_
         assert a.failures == b.failures
 
 
+def test_each_torchrun_process_is_narrowed_to_its_own_gpu_before_cuda_starts(monkeypatch):
+    from extract import run as run_mod
+
+    def rank(local: int, world: int = 2) -> None:
+        monkeypatch.setenv("RANK", str(local))
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+
+    monkeypatch.setattr(run_mod.torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(run_mod.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    rank(1)
+    assert run_mod.narrow_to_local_gpu("auto") is True and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a, GPU-b,GPU-c")  # the user's list is narrowed, not replaced
+    assert run_mod.narrow_to_local_gpu("cuda") is True and os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-b"
+    # left alone: an explicit device, the CPU, one process, one visible GPU, too few GPUs, CUDA already started
+    for device, local, world, visible in (("cuda:1", 1, 2, "0,1"), ("cpu", 1, 2, "0,1"), ("auto", 0, 1, "0,1"),
+                                          ("auto", 1, 2, "3"), ("auto", 2, 3, "0,1")):
+        rank(local, world)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert run_mod.narrow_to_local_gpu(device) is False and os.environ["CUDA_VISIBLE_DEVICES"] == visible
+    rank(1)
+    monkeypatch.setattr(run_mod.torch.cuda, "is_initialized", lambda: True)
+    assert run_mod.narrow_to_local_gpu("auto") is False and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    # the device then used: cuda:0 when the driver sees one GPU, else the local rank's
+    monkeypatch.setattr(run_mod.torch._C, "_cuda_getDeviceCount", lambda: 1)
+    assert run_mod._local_cuda_device(1, 2) == run_mod.torch.device("cuda", 0)
+    monkeypatch.setattr(run_mod.torch._C, "_cuda_getDeviceCount", lambda: 2)
+    assert run_mod._local_cuda_device(1, 2) == run_mod.torch.device("cuda", 1)
+
+
 def test_more_hardware_queues_is_set_before_cuda_starts_and_never_overrides(monkeypatch):
     from extract import run as run_mod
 
