@@ -104,11 +104,17 @@ def summarise(events, decoders: int) -> dict:
     first = outs[0]
     by = collections.defaultdict(list)
     for name, _, a, b in events:
-        if name not in ("pipeline start", "batch out"):
+        if name not in ("pipeline start", "batch out", "run end"):
             by[name].append((a, b))
     res = {"first_batch_s": round(first - start, 3),
            "first_batch_phases_s": {n: round(sum(b - a for a, b in v if b <= first), 3) for n, v in by.items()},
-           "median_interval_ms": round(1e3 * statistics.median(b - a for a, b in zip(outs[1:-1], outs[2:], strict=True)), 1)}
+           "median_interval_ms": round(1e3 * statistics.median(b - a for a, b in zip(outs[1:-1], outs[2:], strict=True)), 1),
+           # every hand-over after the first, and from the last one to the end of run_extract (the
+           # model's queued batches and the last writes): where files-to-cache loses to the median
+           "intervals_ms": [round(1e3 * (b - a), 1) for a, b in zip(outs, outs[1:], strict=False)]}
+    end = [e[2] for e in events if e[0] == "run end"]
+    if end:
+        res["tail_s"] = round(end[0] - outs[-1], 3)
     steady = {}
     for n, v in by.items():
         later = [b - a for a, b in v if a > first]
@@ -147,6 +153,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
                                           workers=os.cpu_count(), shard_size=8192, decoder="nvimgcodec"))
+            EVENTS.append(("run end", "main", time.perf_counter(), time.perf_counter()))
             r = {"model": name, "variant": variant, "round": k // len(args.variants),
                  "images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
                  **summarise(list(EVENTS), MADE[-1].decoders)}
