@@ -35,6 +35,7 @@ from extract.batch_decode import BatchPreprocessor  # noqa: E402
 from extract.readers import ReaderPool  # noqa: E402
 
 EVENTS: list[tuple[str, str, float, float]] = []  # (phase, thread, start, end)
+MODEL_EVENTS: list = []  # (start, end) CUDA events around each forward of the model, on its stream
 
 
 def timed(name: str, fn):
@@ -96,6 +97,35 @@ def instrument() -> None:
             yield b
 
     pipeline.gpu_batches = patched_batches
+    import torch
+
+    compile_ = torch.compile
+
+    def timed_compile(model, **k):  # the model's own time on the GPU, and the gaps between batches
+        fn = compile_(model, **k)
+
+        def forward(x):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            y = fn(x)
+            b.record()
+            MODEL_EVENTS.append((a, b))
+            return y
+        return forward
+
+    torch.compile = timed_compile
+
+
+def model_timeline() -> dict:
+    """From the CUDA events of the batches' forwards (the compile's warm-up call excluded)."""
+    ev = MODEL_EVENTS[1:]
+    if len(ev) < 2:
+        return {}
+    busy = [a.elapsed_time(b) for a, b in ev]
+    gaps = [b.elapsed_time(a2) for (_, b), (a2, _) in zip(ev, ev[1:], strict=False)]
+    span = ev[0][0].elapsed_time(ev[-1][1])
+    return {"model_ms": [round(v, 1) for v in busy], "gaps_ms": [round(v, 1) for v in gaps],
+            "model_busy_share": round(sum(busy) / span, 3), "model_span_s": round(span / 1e3, 3)}
 
 
 def summarise(events, decoders: int) -> dict:
@@ -149,6 +179,7 @@ def main() -> None:
             SETTING.clear()
             SETTING.update(VARIANTS[variant])
             EVENTS.clear()
+            MODEL_EVENTS.clear()
             out = os.path.join(work, f"phases-{name}-{k}")
             shutil.rmtree(out, ignore_errors=True)
             s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
@@ -156,7 +187,7 @@ def main() -> None:
             EVENTS.append(("run end", "main", time.perf_counter(), time.perf_counter()))
             r = {"model": name, "variant": variant, "round": k // len(args.variants),
                  "images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
-                 **summarise(list(EVENTS), MADE[-1].decoders)}
+                 **summarise(list(EVENTS), MADE[-1].decoders), **model_timeline()}
             res["runs"].append(r)
             print(json.dumps(r), flush=True)
             res["summary"] = summary(res["runs"])
