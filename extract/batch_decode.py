@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
+import itertools
+import math
 import os
-import queue
 import threading
 import warnings
 from collections.abc import Sequence
@@ -157,6 +159,40 @@ def resized_size(h: int, w: int, recipe: Preprocessing) -> tuple[int, int]:
     return (new_short, new_long) if h <= w else (new_long, new_short)
 
 
+class DecoderPool:
+    """Decoders not in use, handed out by priority: of the threads waiting, the one with
+    the lowest ``priority`` (the earliest batch) gets the next free decoder; equal
+    priorities in the order they asked. Batches then reach the model in the order it
+    takes them, instead of a later batch's decode delaying the next one it needs."""
+
+    def __init__(self) -> None:
+        self._free: collections.deque = collections.deque()  # longest idle first
+        self._waiting: list[tuple[float, int]] = []  # a heap
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+
+    def put(self, decoder) -> None:
+        with self._cond:
+            self._free.append(decoder)
+            self._cond.notify_all()
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._free
+
+    def get(self, priority: float = math.inf):
+        with self._cond:
+            me = (priority, next(self._order))
+            heapq.heappush(self._waiting, me)
+            while not (self._free and self._waiting[0] == me):
+                self._cond.wait()
+            heapq.heappop(self._waiting)
+            decoder = self._free.popleft()
+            if self._free and self._waiting:  # the next in line may take another one
+                self._cond.notify_all()
+            return decoder
+
+
 class BatchPreprocessor:
     """``list of JPEG bytes`` -> ``(B, 3, S, S)`` normalised float tensor on ``device``.
 
@@ -192,21 +228,25 @@ class BatchPreprocessor:
         # share of each batch for the JPEG engines; the rest goes to nvImageCodec's CUDA decoder
         # on the SMs (more decode capacity, taken from the model; not yet measured)
         self.engine_share = engine_share
+        # a free decoder goes to the earliest batch waiting (False: first come, first served)
+        self.batch_order = True
         self._local = threading.local()
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
         self._fp32_out = True
         self._nv_lock = threading.Lock()  # making the decoders; the fallback decoder
-        self._nv_free: queue.SimpleQueue = queue.SimpleQueue()  # decoders not in use
+        self._nv_free = DecoderPool()  # decoders not in use
         self._nv_decoder = self._nv_params = self._nv_fallback = None
         self._nv_engines: bool | None = None  # hardware JPEG engines answer (probed on first use)
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255.0
 
-    def decode(self, datas: Sequence[bytes | bytearray], *, cpu: Sequence[bool] | None = None
-               ) -> tuple[list[torch.Tensor | None], list[int]]:
+    def decode(self, datas: Sequence[bytes | bytearray], *, cpu: Sequence[bool] | None = None,
+               priority: float = math.inf) -> tuple[list[torch.Tensor | None], list[int]]:
         """Decoded ``(3, H, W)`` uint8 tensors (None where not decoded) and the positions
-        that need the CPU path (``cpu``: precomputed :func:`needs_cpu` flags)."""
+        that need the CPU path (``cpu``: precomputed :func:`needs_cpu` flags). ``priority``:
+        where this call queues for a free decoder (lower first; the pipeline's batch index)."""
+        self._local.priority = priority
         out: list[torch.Tensor | None] = [None] * len(datas)
         flags = cpu if cpu is not None else [needs_cpu(d) for d in datas]
         cpu_pos = [i for i, f in enumerate(flags) if f]
@@ -369,8 +409,8 @@ class BatchPreprocessor:
         return imgs
 
     def _take_decoder(self):
-        """A decoder not in use by another thread (waits for one)."""
-        return self._nv_free.get()
+        """A decoder not in use by another thread (waits for one, in priority order)."""
+        return self._nv_free.get(getattr(self._local, "priority", math.inf) if self.batch_order else math.inf)
 
     def _hold(self, imgs: Sequence[torch.Tensor]) -> None:
         """Keep decoded images (buffers freed in the decode stream's order) until the work

@@ -51,9 +51,10 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
     decoded on the CPU in a pool of ``threads``. ``decoder``: the batch decoder
     (:data:`extract.batch_decode.BATCH_DECODERS`); ``preprocessor``: a
     :class:`BatchPreprocessor` to use instead of a default one. ``first_alone``: the other
-    batches start only once the first is prepared, so that it has the decoders (and the
+    batches start only once the first is decoded, so that it has the decoders (and the
     JPEG engines they share) to itself and reaches the model in one batch's decode time
-    instead of sharing them with the batches behind it.
+    instead of sharing them with the batches behind it. Decoders are then handed to the
+    earliest batch waiting (:class:`extract.batch_decode.DecoderPool`).
     """
     bp = preprocessor or BatchPreprocessor(recipe, device, decoder=decoder)
     tf = recipe.transform()
@@ -88,7 +89,9 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
             local.stream = torch.cuda.Stream(device)
         stream = getattr(local, "stream", None)
         with torch.cuda.stream(stream) if stream is not None else _null():
-            imgs, cpu_pos = bp.decode([r.data for _, r in ok], cpu=[r.cpu for _, r in ok])
+            imgs, cpu_pos = bp.decode([r.data for _, r in ok], cpu=[r.cpu for _, r in ok], priority=bi)
+            if bi == 0:  # its resize overlaps the next batches' decode
+                first_done.set()
             cpu_jobs = {p: pool.submit(_cpu_decode, bytes(ok[p][1].data), recipe, tf) for p in cpu_pos}
             gpu_pos = [p for p in range(len(ok)) if p not in cpu_jobs]
             x = bp.transform([imgs[p] for p in gpu_pos]) if gpu_pos else None

@@ -143,7 +143,7 @@ def test_pipeline_batches_in_order_with_failures(digits_small, decoder):
 
 
 def test_pipeline_prepares_the_first_batch_alone(digits_small):
-    """No other batch starts decoding before the first is prepared (it has the decoders to
+    """No other batch starts decoding before the first is decoded (it has the decoders to
     itself); the batches are the same either way; a first batch that fails is reported,
     not waited for."""
     import threading
@@ -190,6 +190,49 @@ def test_pipeline_prepares_the_first_batch_alone(digits_small):
         list(gpu_batches(il.items, batches, Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", readers=2,
                          threads=2, decoders=4, prefetch=4,
                          preprocessor=Broken(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")))
+
+
+def test_decoder_pool_hands_free_decoders_to_the_earliest_batch_waiting():
+    """Threads that asked for a decoder in the order 5, 1, 3, 1 (priorities) get one in the
+    order 1, 1, 3, 5: the batch the model needs next is decoded first."""
+    import threading
+    import time
+
+    from extract.batch_decode import DecoderPool
+
+    pool = DecoderPool()
+    pool.put("d")
+    held = pool.get(0)
+    got, lock = [], threading.Lock()
+
+    def ask(p: float, name: str) -> None:
+        d = pool.get(p)
+        with lock:
+            got.append(name)
+        time.sleep(0.01)
+        pool.put(d)
+
+    threads = []
+    for p, name in ((5, "five"), (1, "one-a"), (3, "three"), (1, "one-b")):
+        threads.append(threading.Thread(target=ask, args=(p, name)))
+        threads[-1].start()
+        time.sleep(0.05)  # each is waiting before the next asks
+    assert got == []  # nothing free yet
+    pool.put(held)
+    for th in threads:
+        th.join(5)
+    assert got == ["one-a", "one-b", "three", "five"]
+    # two decoders freed together go to both waiters, neither left waiting
+    pool2, got2 = DecoderPool(), []
+    waiters = [threading.Thread(target=lambda p=p: got2.append(pool2.get(p))) for p in (2, 1)]
+    for th in waiters:
+        th.start()
+    time.sleep(0.05)
+    pool2.put("x")
+    pool2.put("y")
+    for th in waiters:
+        th.join(5)
+    assert sorted(got2) == ["x", "y"] and not any(th.is_alive() for th in waiters)
 
 
 def test_pipeline_uses_a_reader_pool_it_is_given_and_leaves_it_open(digits_small):
