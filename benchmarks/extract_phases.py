@@ -56,7 +56,7 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "1 decoder": {"decoders": 1},
     "1 decoder, normal priority": {"decoders": 1, "decode_priority": False},
     "not preallocated": {"preallocate": False},  # the engines' memory pool grown while decoding
-    "first batch not alone": {"first_alone": False},  # the first batch shares the decoders from the start
+    "first batch alone": {"first_alone": True},  # the other batches start once the first is decoded
     "decoders first come first served": {"batch_order": False},  # not to the earliest batch waiting
     # each batch split: at most this share to the JPEG engines, the rest to the CUDA decoder (SMs)
     "engines 85 %": {"engine_share": 0.85},

@@ -40,7 +40,7 @@ def _cpu_decode(data: bytes, recipe: Preprocessing, tf) -> tuple[torch.Tensor | 
 
 def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Preprocessing, device: torch.device,
                 *, decoder: str = "nvjpeg", readers: int | ReaderPool = 8, threads: int = 8, decoders: int = 4,
-                prefetch: int = 6, preprocessor: BatchPreprocessor | None = None, first_alone: bool = True
+                prefetch: int = 6, preprocessor: BatchPreprocessor | None = None, first_alone: bool = False
                 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[str], list[tuple[int, str]]]]:
     """Yield ``(indices, x on device, sha256s, failures)`` per batch, in order.
 
@@ -50,11 +50,13 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
     possible), or in a :class:`ReaderPool` the caller made (and closes); odd files are
     decoded on the CPU in a pool of ``threads``. ``decoder``: the batch decoder
     (:data:`extract.batch_decode.BATCH_DECODERS`); ``preprocessor``: a
-    :class:`BatchPreprocessor` to use instead of a default one. ``first_alone``: the other
-    batches start only once the first is decoded, so that it has the decoders (and the
-    JPEG engines they share) to itself and reaches the model in one batch's decode time
-    instead of sharing them with the batches behind it. Decoders are then handed to the
-    earliest batch waiting (:class:`extract.batch_decode.DecoderPool`).
+    :class:`BatchPreprocessor` to use instead of a default one. Free decoders go to the
+    earliest batch waiting (:class:`extract.batch_decode.DecoderPool`). ``first_alone``:
+    the other batches start only once the first is decoded, so that it has the decoders
+    (and the JPEG engines they share) to itself; off by default: it gets the first batch
+    to the model sooner (0.4-0.6 s instead of 0.7-0.9 s for ViT-L/16), but the second then
+    comes late, and in A/B runs ViT-B/16 lost 14 % files to cache on average with it
+    (benchmarks/NOTES.md).
     """
     bp = preprocessor or BatchPreprocessor(recipe, device, decoder=decoder)
     tf = recipe.transform()
