@@ -188,7 +188,7 @@ def test_pipeline_prepares_the_first_batch_alone(digits_small):
 
     with pytest.raises(RuntimeError, match="the first batch fails"):
         list(gpu_batches(il.items, batches, Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", readers=2,
-                         threads=2, decoders=4, prefetch=4,
+                         threads=2, decoders=4, prefetch=4, first_alone=True,
                          preprocessor=Broken(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")))
 
 
