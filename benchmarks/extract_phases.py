@@ -117,6 +117,42 @@ def instrument() -> None:
     torch.compile = timed_compile
 
 
+def watch_gc() -> None:
+    """Garbage collections as phases ("gc gen N"), to see whether they line up with stalls."""
+    import gc
+
+    started: dict[int, float] = {}
+
+    def cb(phase, info):
+        t = time.perf_counter()
+        th = threading.get_ident()
+        if phase == "start":
+            started[th] = t
+        elif th in started:
+            EVENTS.append((f"gc gen {info['generation']}", threading.current_thread().name, started.pop(th), t))
+
+    gc.callbacks.append(cb)
+
+
+def stalls(events, min_ms: float = 300.0) -> list[dict]:
+    """Each hand-over interval over ``min_ms``: when (from the pipeline's start), and for how
+    long each phase ran inside it, per phase and thread (what the pipeline was doing)."""
+    start = next(e[2] for e in events if e[0] == "pipeline start")
+    outs = [e[2] for e in events if e[0] == "batch out"]
+    found = []
+    for k, (a, b) in enumerate(zip(outs, outs[1:], strict=False)):
+        if (b - a) * 1e3 < min_ms:
+            continue
+        inside: dict[str, float] = collections.defaultdict(float)
+        for name, thread, s0, s1 in events:
+            ov = min(b, s1) - max(a, s0)
+            if ov > 0 and name not in ("pipeline start", "batch out", "run end"):
+                inside[f"{name} [{thread}]"] += ov
+        found.append({"after_batch": k, "at_s": round(a - start, 3), "ms": round((b - a) * 1e3, 1),
+                      "inside_ms": {n: round(v * 1e3, 1) for n, v in sorted(inside.items(), key=lambda kv: -kv[1])}})
+    return found
+
+
 def model_timeline() -> dict:
     """From the CUDA events of the batches' forwards (the compile's warm-up call excluded)."""
     ev = MODEL_EVENTS[1:]
@@ -135,7 +171,7 @@ def summarise(events, decoders: int) -> dict:
     first = outs[0]
     by = collections.defaultdict(list)
     for name, _, a, b in events:
-        if name not in ("pipeline start", "batch out", "run end"):
+        if name not in ("pipeline start", "batch out", "run end") and not name.startswith("gc gen"):
             by[name].append((a, b))
     res = {"first_batch_s": round(first - start, 3),
            "first_batch_phases_s": {n: round(sum(b - a for a, b in v if b <= first), 3) for n, v in by.items()},
@@ -152,6 +188,11 @@ def summarise(events, decoders: int) -> dict:
         if later:
             steady[n] = {"median_ms": round(1e3 * statistics.median(later), 1), "calls": len(later)}
     res["later_phases"] = steady
+    gcs = [(n, b - a) for n, _, a, b in events if n.startswith("gc gen") and a > first]
+    res["gc_after_first_batch"] = {"count": len(gcs), "total_ms": round(1e3 * sum(d for _, d in gcs), 1),
+                                   "max_ms": round(1e3 * max((d for _, d in gcs), default=0.0), 1),
+                                   "gen2": sum(1 for n, _ in gcs if n.endswith("2"))}
+    res["stalls"] = stalls(events)
     # share of the later time the decoders were busy (1.0: decoding is the bottleneck)
     busy = sum(b - a for a, b in by.get("_decode_chunk", []) if a > first)
     busy -= sum(b - a for a, b in by.get("decoder wait", []) if a > first)
@@ -173,6 +214,7 @@ def main() -> None:
     csv = build_images(root, args.n)
     res: dict = {"machine": machine(), "n": args.n, "runs": []}
     instrument()
+    watch_gc()
     for name in args.models:
         md = save_model(name, work)
         order = [v for r in range(args.rounds) for v in (args.variants if r % 2 == 0 else args.variants[::-1])]
@@ -183,12 +225,18 @@ def main() -> None:
             MODEL_EVENTS.clear()
             out = os.path.join(work, f"phases-{name}-{k}")
             shutil.rmtree(out, ignore_errors=True)
+            import torch
+
+            mem0 = torch.cuda.memory_stats()
             s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
                                           workers=os.cpu_count(), shard_size=8192, decoder="nvimgcodec"))
             EVENTS.append(("run end", "main", time.perf_counter(), time.perf_counter()))
             r = {"model": name, "variant": variant, "round": k // len(args.variants),
                  "images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
                  **summarise(list(EVENTS), MADE[-1].decoders), **model_timeline()}
+            mem1 = torch.cuda.memory_stats()  # cudaMalloc calls and retries (a retry frees the cache: a sync)
+            r["cuda_allocator"] = {k: mem1.get(k, 0) - mem0.get(k, 0)
+                                   for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
             res["runs"].append(r)
             print(json.dumps(r), flush=True)
             res["summary"] = summary(res["runs"])
