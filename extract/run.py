@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -479,6 +480,13 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
     if model_stream is not None:  # after the weights' copies and the compile, queued on the default stream
         model_stream.wait_stream(torch.cuda.current_stream(device))
     stream_ctx = torch.cuda.stream(model_stream) if model_stream is not None else contextlib.nullcontext()
+    # Everything made so far (the input list, the model, the compiler's caches: millions of
+    # objects) is moved out of the collector's view: a full collection over them held every
+    # pipeline thread for 460 ms in a ViT-B/16 run (benchmarks/NOTES.md). Undone at the end
+    # (not done where the caller has frozen objects itself).
+    froze = gc.get_freeze_count() == 0
+    if froze:
+        gc.freeze()
     t0 = time.perf_counter()
     t_first = None
     try:
@@ -532,6 +540,8 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         raise
     finally:
         bar.close()
+        if froze:
+            gc.unfreeze()
     seconds = time.perf_counter() - t0
     steady = time.perf_counter() - t_first if t_first is not None else 0.0
     first_batch = len(batches[0]) if batches else 0

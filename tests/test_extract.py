@@ -129,6 +129,30 @@ def test_resume_after_sigkill_is_bitwise_identical(digits_small, tmp_path, tiny_
         assert a.failures == b.failures
 
 
+def test_extract_keeps_what_it_made_before_the_loop_out_of_the_collector(digits_small, tmp_path, tiny_hf,
+                                                                          monkeypatch):
+    """While rows are written the objects made before (input list, model) are frozen, so a
+    full garbage collection does not scan them; unfrozen again when the run returns."""
+    import gc
+
+    import extract.run as run_mod
+
+    seen = []
+    real = run_mod.ShardWriter.add_rows
+
+    def add_rows(self, *a, **k):
+        seen.append(gc.get_freeze_count())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(run_mod.ShardWriter, "add_rows", add_rows)
+    assert gc.get_freeze_count() == 0
+    run_mod.run_extract(run_mod.ExtractConfig(images=[digits_small["root"]], labels=[digits_small["train"]],
+                                              backbone=tiny_hf, out=str(tmp_path / "c"), device="cpu",
+                                              progress=False, workers=0))
+    assert seen and all(n > 1000 for n in seen)
+    assert gc.get_freeze_count() == 0
+
+
 def test_each_torchrun_process_is_narrowed_to_its_own_gpu_before_cuda_starts(monkeypatch):
     from extract import run as run_mod
 
