@@ -184,8 +184,14 @@ class DecoderPool:
         with self._cond:
             me = (priority, next(self._order))
             heapq.heappush(self._waiting, me)
-            while not (self._free and self._waiting[0] == me):
-                self._cond.wait()
+            try:
+                while not (self._free and self._waiting[0] == me):
+                    self._cond.wait()
+            except BaseException:  # e.g. KeyboardInterrupt: leave the line, or the others wait for ever
+                self._waiting.remove(me)
+                heapq.heapify(self._waiting)
+                self._cond.notify_all()
+                raise
             heapq.heappop(self._waiting)
             decoder = self._free.popleft()
             if self._free and self._waiting:  # the next in line may take another one
