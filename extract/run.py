@@ -424,6 +424,12 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
     if decoder in BATCH_DECODERS:
         from extract.pipeline import gpu_batches
 
+        # The decoders' trial on the first input ends before the batches start: when the
+        # compile is quick (torch's cache) it could otherwise still be waiting for a decoder
+        # well into the run, and it only helps before the first batch.
+        for th in helpers:
+            th.join(timeout=60)
+
         source = gpu_batches(inputs.items, batches, recipe, device, decoder=decoder,
                              readers=readers if readers is not None else cfg.workers, threads=4,
                              preprocessor=preprocessor)

@@ -533,6 +533,7 @@ def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_smal
     helper thread before the model is moved and compiled, and hands that preprocessor to the pipeline (run here on the CPU
     with nvImageCodec's CPU backend, the decoder choice forced)."""
     import threading
+    import time
 
     import extract.run as run_mod
     from cache import open_cache
@@ -551,8 +552,19 @@ def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_smal
         made.append(id(self))
         real_init(self, *a, **k)
 
+    decodes = []
+    real_decode = BatchPreprocessor.decode
+
+    def decode(self, datas, **k):
+        t = time.perf_counter()
+        try:
+            return real_decode(self, datas, **k)
+        finally:
+            decodes.append((threading.current_thread().name, t, time.perf_counter()))
+
     monkeypatch.setattr(BatchPreprocessor, "warm_up", warm_up)
     monkeypatch.setattr(BatchPreprocessor, "__init__", init)
+    monkeypatch.setattr(BatchPreprocessor, "decode", decode)
     monkeypatch.setattr(run_mod, "_choose_decoder", lambda cfg, device: "nvimgcodec")
     s = run_mod.run_extract(run_mod.ExtractConfig(images=[digits_small["root"]], labels=[digits_small["train"]],
                                                   backbone=tiny_hf, out=str(tmp_path / "c"), device="cpu",
@@ -561,5 +573,9 @@ def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_smal
     assert len(made) == 1  # the pipeline used the preprocessor made early
     # the decoders made for, then tried on, the first input's bytes
     assert [c for c in calls if c[0] == "stage1-decoder"] == [("stage1-decoder", made[0], True)] * 2
+    # ... and that trial is over before the batches start
+    trial = [end for name, _, end in decodes if name == "stage1-decoder"]
+    batches = [start for name, start, _ in decodes if name.startswith("stage1-decode_")]
+    assert trial and batches and max(trial) <= min(batches)
     with open_cache(str(tmp_path / "c")) as c:
         assert len(c) == s["rows_written"] and np.isfinite(c.features("cls")).all()
