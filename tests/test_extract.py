@@ -153,6 +153,51 @@ def test_extract_keeps_what_it_made_before_the_loop_out_of_the_collector(digits_
     assert gc.get_freeze_count() == 0
 
 
+def test_torchrun_ranks_write_contiguous_shards_that_open_as_the_one_process_cache(digits_small, tmp_path, tiny_hf):
+    """`torchrun --nproc-per-node 2 -m headlab extract` (on the CPU): each rank writes only its
+    own contiguous block of shards, no input is padded or duplicated, the shards open as one
+    cache with the rows of a one-process run in the same order, and a re-run skips them all."""
+    import json
+
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = _extract_cmd(digits_small, tiny_hf, one)[3:]
+    r = subprocess.run([sys.executable, "-m", "headlab", *base, "--device", "cpu"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    many = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+            "-m", "headlab", *_extract_cmd(digits_small, tiny_hf, two)[3:], "--device", "cpu", "--json"]
+
+    def summaries(run) -> list[dict]:
+        assert run.returncode == 0, run.stderr[-3000:]
+        dec, txt, pos, found = json.JSONDecoder(), run.stdout, 0, []
+        while (pos := txt.find("{", pos)) >= 0:
+            obj, pos = dec.raw_decode(txt, pos)
+            found.append(obj)
+        return sorted(found, key=lambda o: o["rank"])
+
+    first = summaries(subprocess.run(many, env=env, capture_output=True, text=True, timeout=600))
+    n_shards = first[0]["shards"]
+    assert [o["world_size"] for o in first] == [2, 2] and n_shards >= 4
+    # contiguous blocks, all shards written once: rank 0 the first half, rank 1 the rest
+    assert [o["shards_written"] for o in first] == [n_shards - n_shards // 2, n_shards // 2]
+    from cache.reader import read_shard_info
+    from extract.run import rank_shards, shard_name
+
+    for rank in (0, 1):
+        for k in rank_shards(n_shards, rank, 2):
+            info = read_shard_info(str(two / shard_name(k)))
+            assert (info.input_start, info.input_stop) == (4 * k, min(4 * k + 4, first[0]["inputs"]))
+    with open_cache(str(one)) as a, open_cache(str(two)) as b:
+        assert b.paths.tolist() == a.paths.tolist() and b.index.tolist() == a.index.tolist()
+        assert len(set(b.index.tolist())) == len(b)  # nothing duplicated
+        assert a.failures == b.failures
+        for name in ("cls", "patch_mean"):
+            np.testing.assert_allclose(b.features(name), a.features(name), rtol=1e-3, atol=1e-3)
+    again = summaries(subprocess.run(many, env=env, capture_output=True, text=True, timeout=600))
+    assert [o["shards_written"] for o in again] == [0, 0] and all(o["shards_skipped"] == n_shards for o in again)
+
+
 def test_each_torchrun_process_is_narrowed_to_its_own_gpu_before_cuda_starts(monkeypatch):
     from extract import run as run_mod
 
