@@ -58,6 +58,7 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "not preallocated": {"preallocate": False},  # the engines' memory pool grown while decoding
     "first batch alone": {"first_alone": True},  # the other batches start once the first is decoded
     "decoders first come first served": {"batch_order": False},  # not to the earliest batch waiting
+    "bytes parsed by the decoder": {"parse_in_decoder": True},  # no CodeStream per image in Python
     # each batch split: at most this share to the JPEG engines, the rest to the CUDA decoder (SMs)
     "engines 85 %": {"engine_share": 0.85},
     "engines 70 %": {"engine_share": 0.7},

@@ -327,6 +327,32 @@ def test_nvimgcodec_on_gpu_decodes_progressive_and_baseline_jpegs(digits_small):
             assert im.shape == ref.shape and diff.mean() < 1.5, float(diff.mean())
 
 
+def _parse_in_decoder_matches(device: torch.device, digits_small) -> None:
+    files = [f for f in _jpegs(digits_small) if not os.path.basename(f).startswith("broken")]
+    datas = [d for d in (bytearray(open(f, "rb").read()) for f in files) if not needs_cpu(d)]
+    datas += [bytearray(b"not a jpeg"), datas[0]]
+    here = BatchPreprocessor(Preprocessing(), device, decoder="nvimgcodec")
+    there = BatchPreprocessor(Preprocessing(), device, decoder="nvimgcodec")
+    there.parse_in_decoder = True
+    a, b = here._decode_nvimgcodec(datas), there._decode_nvimgcodec(datas)
+    assert len(a) == len(b) == len(datas) and a[-2] is None and b[-2] is None
+    for x, y in zip(a[:-2] + a[-1:], b[:-2] + b[-1:], strict=True):
+        assert torch.equal(x, y)
+
+
+def test_nvimgcodec_parsing_the_bytes_itself_gives_the_same_images(digits_small):
+    """``parse_in_decoder``: the raw bytes go to nvImageCodec instead of CodeStreams made
+    per image: same images, same order, None where the bytes are not an image."""
+    _parse_in_decoder_matches(torch.device("cpu"), digits_small)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvimgcodec_parsing_the_bytes_itself_gives_the_same_images_on_gpu(digits_small):
+    bd.nvimgcodec() or pytest.skip("nvImageCodec not installed")
+    _parse_in_decoder_matches(torch.device("cuda"), digits_small)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_stream_gives_the_same_batches_as_one_stream(digits_small):
