@@ -235,6 +235,61 @@ def test_decoder_pool_hands_free_decoders_to_the_earliest_batch_waiting():
     assert sorted(got2) == ["x", "y"] and not any(th.is_alive() for th in waiters)
 
 
+def _decoder_order(digits_small, batch_order: bool) -> list[int]:
+    """Batch indices in the order they got the one decoder, when batch 0 reaches it first
+    and batch 1 after batches 2 and 3 (all while batch 0 holds it)."""
+    import threading
+    import time
+
+    from extract.pipeline import gpu_batches
+    from extract.sources import build_input_list
+
+    il = build_input_list([digits_small["root"]], [digits_small["train"]])
+    good = [i for i, it in enumerate(il.items) if not needs_cpu(open(it.file, "rb").read())]
+    batches = [good[s:s + 2] for s in range(0, 8, 2)]
+    index_of = {bytes(open(il.items[b[0]].file, "rb").read()): k for k, b in enumerate(batches)}
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec", decoders=1)
+    bp.batch_order = batch_order
+    bp.warm_up()
+
+    class Slow:  # holds the decoder long enough for the others to queue
+        def __init__(self, dec):
+            self.dec = dec
+
+        def decode(self, streams, **k):
+            time.sleep(0.3)
+            return self.dec.decode(streams, **k)
+
+    bp._nv_free.put(Slow(bp._nv_free.get()))
+    real_decode, real_take = bp.decode, bp._take_decoder
+    took, lock = [], threading.Lock()
+
+    def decode(datas, **k):
+        # batch 0 asks for the decoder first, batch 1 after batches 2 and 3
+        time.sleep({0: 0.0, 1: 0.15, 2: 0.05, 3: 0.05}[index_of[bytes(datas[0])]])
+        return real_decode(datas, **k)
+
+    def take():
+        d = real_take()
+        with lock:
+            took.append(bp._local.priority)
+        return d
+
+    bp.decode, bp._take_decoder = decode, take
+    got = [idx for idx, _, _, _ in gpu_batches(il.items, batches, Preprocessing(), torch.device("cpu"),
+                                                 decoder="nvimgcodec", readers=2, threads=2, decoders=4,
+                                                 prefetch=4, preprocessor=bp)]
+    assert got == batches
+    return [int(p) for p in took]
+
+
+def test_pipeline_hands_the_decoder_to_batches_in_order(digits_small):
+    """With one decoder and four decode threads, the batches get the decoder in the order
+    the model takes them, even when a later batch asks for it first; first come, first
+    served (``batch_order=False``) would serve batches 2 and 3 before 1."""
+    assert _decoder_order(digits_small, True) == [0, 1, 2, 3]
+
+
 def test_pipeline_uses_a_reader_pool_it_is_given_and_leaves_it_open(digits_small):
     """`run_extract` starts the reader processes before loading the model (a small process
     forks fast) and hands the pool to the pipeline, which must use it and not close it."""
