@@ -275,7 +275,7 @@ def narrow_to_local_gpu(device: str = "auto") -> bool:
     if visible is not None:
         ids = [v.strip() for v in visible.split(",") if v.strip()]
     else:  # NVML's count: does not start CUDA
-        ids = [str(i) for i in range(max(torch.cuda.device_count(), 0))]
+        ids = [str(i) for i in range(torch.cuda.device_count())]
     if len(ids) < 2 or local_rank >= len(ids):
         return False
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank]
