@@ -54,6 +54,7 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "defaults": {},
     "no warm-up on the first input": {"warm_up_sample": False},
     "1 decoder": {"decoders": 1},
+    "3 decoders": {"decoders": 3},
     "1 decoder, normal priority": {"decoders": 1, "decode_priority": False},
     "not preallocated": {"preallocate": False},  # the engines' memory pool grown while decoding
     "first batch alone": {"first_alone": True},  # the other batches start once the first is decoded
@@ -62,8 +63,10 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     # each batch split: at most this share to the JPEG engines, the rest to the CUDA decoder (SMs)
     "engines 85 %": {"engine_share": 0.85},
     "engines 70 %": {"engine_share": 0.7},
+    "batch 512": {"batch_size": 512},  # half the automatic 1,024: a first batch half as long
 }
 PIPELINE_KEYS = {"first_alone"}  # settings of gpu_batches, not of the BatchPreprocessor
+CONFIG_KEYS = {"batch_size"}  # settings of ExtractConfig
 
 
 def instrument() -> None:
@@ -73,7 +76,7 @@ def instrument() -> None:
         init(self, *a, **k)
         MADE.append(self)
         for key, value in SETTING.items():
-            if key not in PIPELINE_KEYS:
+            if key not in PIPELINE_KEYS | CONFIG_KEYS:
                 setattr(self, key, value)
 
     BatchPreprocessor.__init__ = patched_init
@@ -230,7 +233,8 @@ def main() -> None:
 
             mem0 = torch.cuda.memory_stats()
             s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
-                                          workers=os.cpu_count(), shard_size=8192, decoder="nvimgcodec"))
+                                          workers=os.cpu_count(), shard_size=8192, decoder="nvimgcodec",
+                                          **{key: v for key, v in SETTING.items() if key in CONFIG_KEYS}))
             EVENTS.append(("run end", "main", time.perf_counter(), time.perf_counter()))
             r = {"model": name, "variant": variant, "round": k // len(args.variants),
                  "images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
