@@ -32,6 +32,7 @@ import extract.pipeline as pipeline  # noqa: E402
 from benchmarks._common import machine  # noqa: E402
 from benchmarks.extract_bench import build_images, save_model  # noqa: E402
 from extract.batch_decode import BatchPreprocessor  # noqa: E402
+from extract.mempool import release_threshold, set_release_threshold  # noqa: E402
 from extract.readers import ReaderPool  # noqa: E402
 
 EVENTS: list[tuple[str, str, float, float]] = []  # (phase, thread, start, end)
@@ -59,7 +60,7 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "not preallocated": {"preallocate": False},  # the engines' memory pool grown while decoding
     "first batch alone": {"first_alone": True},  # the other batches start once the first is decoded
     "decoders first come first served": {"batch_order": False},  # not to the earliest batch waiting
-    "bytes parsed by the decoder": {"parse_in_decoder": True},  # no CodeStream per image in Python
+    "pool releases memory": {"keep_pool": False},  # CUDA's pool maps the decoded images afresh
     # each batch split: at most this share to the JPEG engines, the rest to the CUDA decoder (SMs)
     "engines 85 %": {"engine_share": 0.85},
     "engines 70 %": {"engine_share": 0.7},
@@ -121,19 +122,35 @@ def instrument() -> None:
     torch.compile = timed_compile
 
 
+GC_FULL: list[dict] = []  # per full collection: objects in generation 2 before it, by type; objects collected
+
+
 def watch_gc() -> None:
-    """Garbage collections as phases ("gc gen N"), to see whether they line up with stalls."""
+    """Garbage collections as phases ("gc gen N"), to see whether they line up with stalls.
+    Before each full collection, the objects it will scan are counted by type (this adds
+    to its time) and after it the number it freed (``GC_FULL``): a long one is either many
+    objects to scan or costly finalisers."""
     import gc
 
     started: dict[int, float] = {}
 
     def cb(phase, info):
-        t = time.perf_counter()
         th = threading.get_ident()
         if phase == "start":
-            started[th] = t
+            if info["generation"] == 2:
+                objs = gc.get_objects(generation=2)
+                kinds = collections.Counter(type(o).__name__ for o in objs)
+                GC_FULL.append({"thread": threading.current_thread().name, "gen2_objects": len(objs),
+                                "top_types": dict(kinds.most_common(8))})
+                del objs
+            started[th] = time.perf_counter()
         elif th in started:
-            EVENTS.append((f"gc gen {info['generation']}", threading.current_thread().name, started.pop(th), t))
+            t0 = started.pop(th)
+            t = time.perf_counter()
+            EVENTS.append((f"gc gen {info['generation']}", threading.current_thread().name, t0, t))
+            if info["generation"] == 2 and GC_FULL:
+                GC_FULL[-1].update(collected=info["collected"], uncollectable=info["uncollectable"],
+                                   ms=round((t - t0) * 1e3, 1))
 
     gc.callbacks.append(cb)
 
@@ -227,19 +244,23 @@ def main() -> None:
             SETTING.update(VARIANTS[variant])
             EVENTS.clear()
             MODEL_EVENTS.clear()
+            GC_FULL.clear()
             out = os.path.join(work, f"phases-{name}-{k}")
             shutil.rmtree(out, ignore_errors=True)
             import torch
 
+            set_release_threshold(torch.device("cuda"), 0)  # CUDA's default, as in a fresh process
             mem0 = torch.cuda.memory_stats()
             s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
                                           workers=os.cpu_count(), shard_size=8192, decoder="nvimgcodec",
                                           **{key: v for key, v in SETTING.items() if key in CONFIG_KEYS}))
             EVENTS.append(("run end", "main", time.perf_counter(), time.perf_counter()))
             r = {"model": name, "variant": variant, "round": k // len(args.variants),
+                 "pool_release_threshold": release_threshold(torch.device("cuda")),
                  "images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
                  **summarise(list(EVENTS), MADE[-1].decoders), **model_timeline()}
             mem1 = torch.cuda.memory_stats()  # cudaMalloc calls and retries (a retry frees the cache: a sync)
+            r["gc_full"] = list(GC_FULL)
             r["cuda_allocator"] = {k: mem1.get(k, 0) - mem0.get(k, 0)
                                    for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
             res["runs"].append(r)

@@ -40,6 +40,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from cache.errors import Stage1Error
 from extract.jpeg_header import needs_cpu
+from extract.mempool import keep_pool_memory
 from extract.preprocess import Preprocessing
 from extract.resample import crop_box, horizontal_first, pil_weights, round_like_pil
 
@@ -237,10 +238,9 @@ class BatchPreprocessor:
         self.engine_share = engine_share
         # a free decoder goes to the earliest batch waiting (False: first come, first served)
         self.batch_order = True
-        # hand nvImageCodec the raw bytes, which it parses in C++, instead of one CodeStream
-        # made here per image (9-17 ms of Python per 1,024 images, under the GIL shared with
-        # the other decode threads); off until measured beside the model on a GPU
-        self.parse_in_decoder = False
+        # let CUDA's memory pool keep the decoded images' memory between batches instead of
+        # returning it to the driver at every synchronisation (extract.mempool)
+        self.keep_pool = True
         self._local = threading.local()
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
@@ -344,6 +344,8 @@ class BatchPreprocessor:
             # all compute queued on the GPU. One with the engines alone kept its rate, so
             # the batch goes to the engines alone and only what they refuse goes further.
             self._nv_engines = has_jpeg_engines(self.device)
+            if self.keep_pool:
+                keep_pool_memory(self.device)
             made = [_make_nvimgcodec_decoder(self.device, kind="hardware" if self._nv_engines else "any",
                                              options=options.strip(), engine_share=self.engine_share)
                     for _ in range(max(1, self.decoders))]
@@ -359,16 +361,14 @@ class BatchPreprocessor:
         n = nvimgcodec()
         cuda = self.device.type == "cuda"
         streams, pos = [], []
-        if self.parse_in_decoder:  # None back where it cannot (and a warning on stderr)
-            streams = [np.frombuffer(d, dtype=np.uint8) for d in datas]
-            pos = list(range(len(datas)))
-        else:
-            for k, d in enumerate(datas):
-                try:
-                    streams.append(n.CodeStream(np.frombuffer(d, dtype=np.uint8)))
-                    pos.append(k)
-                except RuntimeError:  # unparsable header
-                    pass
+        # one CodeStream per image made here: handing nvImageCodec the raw bytes to parse
+        # itself made each batch's decode call slower beside ViT-B/16 (benchmarks/NOTES.md)
+        for k, d in enumerate(datas):
+            try:
+                streams.append(n.CodeStream(np.frombuffer(d, dtype=np.uint8)))
+                pos.append(k)
+            except RuntimeError:  # unparsable header
+                pass
         out: list[torch.Tensor | None] = [None] * len(datas)
         if not streams:
             return out

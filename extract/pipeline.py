@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from extract.batch_decode import BatchPreprocessor
+from extract.mempool import trim_pool
 from extract.preprocess import DecodeError, Preprocessing, decode_image
 from extract.readers import ReaderPool
 from extract.sources import Item
@@ -141,6 +142,8 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
             j.cancel()
         dec.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=False, cancel_futures=True)
+        if bp.decoder == "nvimgcodec" and bp.keep_pool:
+            trim_pool(device)  # the decoded images' memory, kept by the pool while decoding
         if own_reader:
             reader.close()
 

@@ -382,32 +382,6 @@ def test_nvimgcodec_on_gpu_decodes_progressive_and_baseline_jpegs(digits_small):
             assert im.shape == ref.shape and diff.mean() < 1.5, float(diff.mean())
 
 
-def _parse_in_decoder_matches(device: torch.device, digits_small) -> None:
-    files = [f for f in _jpegs(digits_small) if not os.path.basename(f).startswith("broken")]
-    datas = [d for d in (bytearray(open(f, "rb").read()) for f in files) if not needs_cpu(d)]
-    datas += [bytearray(b"not a jpeg"), datas[0]]
-    here = BatchPreprocessor(Preprocessing(), device, decoder="nvimgcodec")
-    there = BatchPreprocessor(Preprocessing(), device, decoder="nvimgcodec")
-    there.parse_in_decoder = True
-    a, b = here._decode_nvimgcodec(datas), there._decode_nvimgcodec(datas)
-    assert len(a) == len(b) == len(datas) and a[-2] is None and b[-2] is None
-    for x, y in zip(a[:-2] + a[-1:], b[:-2] + b[-1:], strict=True):
-        assert torch.equal(x, y)
-
-
-def test_nvimgcodec_parsing_the_bytes_itself_gives_the_same_images(digits_small):
-    """``parse_in_decoder``: the raw bytes go to nvImageCodec instead of CodeStreams made
-    per image: same images, same order, None where the bytes are not an image."""
-    _parse_in_decoder_matches(torch.device("cpu"), digits_small)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_nvimgcodec_parsing_the_bytes_itself_gives_the_same_images_on_gpu(digits_small):
-    bd.nvimgcodec() or pytest.skip("nvImageCodec not installed")
-    _parse_in_decoder_matches(torch.device("cuda"), digits_small)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_stream_gives_the_same_batches_as_one_stream(digits_small):
@@ -660,3 +634,50 @@ def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_smal
     assert trial and batches and max(trial) <= min(batches)
     with open_cache(str(tmp_path / "c")) as c:
         assert len(c) == s["rows_written"] and np.isfinite(c.features("cls")).all()
+
+
+def test_pool_helpers_do_nothing_without_a_cuda_driver(monkeypatch):
+    """On a CPU, or where the CUDA driver library cannot be loaded, the memory-pool helpers
+    answer None/False and change nothing."""
+    import ctypes
+
+    import extract.mempool as mp
+
+    cpu = torch.device("cpu")
+    assert mp.release_threshold(cpu) is None and mp.reserved_bytes(cpu) is None
+    assert mp.keep_pool_memory(cpu) is False
+    mp.trim_pool(cpu)
+
+    def no_driver(name, *a, **k):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(mp, "_lib", [])
+    monkeypatch.setattr(ctypes, "CDLL", no_driver)
+    cuda = torch.device("cuda", 0)
+    assert mp.keep_pool_memory(cuda) is False and mp.release_threshold(cuda) is None
+    mp.trim_pool(cuda)
+    assert mp._lib == [None]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decoded_images_memory_is_kept_by_the_pool_while_decoding_and_given_back_after(digits_small):
+    """nvImageCodec allocates each decoded image from CUDA's memory pool: the decoders make
+    the pool keep that memory between batches, and the pipeline gives it back at its end."""
+    bd.nvimgcodec() or pytest.skip("nvImageCodec not installed")
+    import extract.mempool as mp
+    from extract.pipeline import gpu_batches
+    from extract.sources import build_input_list
+
+    dev = torch.device("cuda", 0)
+    assert mp.set_release_threshold(dev, 0)
+    il = build_input_list([digits_small["root"]], [digits_small["train"]])
+    batches = [list(range(s, min(s + 8, len(il.items)))) for s in range(0, len(il.items), 8)]
+    bp = BatchPreprocessor(Preprocessing(), dev, decoder="nvimgcodec")
+    kept, held = [], []
+    for _ in gpu_batches(il.items, batches, Preprocessing(), dev, decoder="nvimgcodec", preprocessor=bp):
+        kept.append(mp.release_threshold(dev))
+        held.append(mp.reserved_bytes(dev))
+    assert kept and all(k == 2**64 - 1 for k in kept)
+    assert max(held) > 0 and mp.reserved_bytes(dev) < max(held), (held, mp.reserved_bytes(dev))
+    mp.set_release_threshold(dev, 0)
