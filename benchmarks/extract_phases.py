@@ -65,9 +65,13 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "engines 85 %": {"engine_share": 0.85},
     "engines 70 %": {"engine_share": 0.7},
     "batch 512": {"batch_size": 512},  # half the automatic 1,024: a first batch half as long
+    # Python hands the GIL over every 0.5 ms instead of 5 ms: a thread back from a C call that
+    # released it (nvImageCodec's accessors, per image) waits less for a thread running Python
+    "switch interval 0.5 ms": {"switch_interval": 0.0005},
 }
 PIPELINE_KEYS = {"first_alone"}  # settings of gpu_batches, not of the BatchPreprocessor
 CONFIG_KEYS = {"batch_size"}  # settings of ExtractConfig
+PROCESS_KEYS = {"switch_interval"}  # settings of the process, for the run
 
 
 def instrument() -> None:
@@ -77,7 +81,7 @@ def instrument() -> None:
         init(self, *a, **k)
         MADE.append(self)
         for key, value in SETTING.items():
-            if key not in PIPELINE_KEYS | CONFIG_KEYS:
+            if key not in PIPELINE_KEYS | CONFIG_KEYS | PROCESS_KEYS:
                 setattr(self, key, value)
 
     BatchPreprocessor.__init__ = patched_init
@@ -141,6 +145,7 @@ def watch_gc() -> None:
                 objs = gc.get_objects(generation=2)
                 kinds = collections.Counter(type(o).__name__ for o in objs)
                 GC_FULL.append({"thread": threading.current_thread().name, "gen2_objects": len(objs),
+                                "frozen": gc.get_freeze_count(), "at": time.perf_counter(),
                                 "top_types": dict(kinds.most_common(8))})
                 del objs
             started[th] = time.perf_counter()
@@ -251,16 +256,22 @@ def main() -> None:
 
             set_release_threshold(torch.device("cuda"), 0)  # CUDA's default, as in a fresh process
             mem0 = torch.cuda.memory_stats()
-            s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
-                                          workers=os.cpu_count(), shard_size=8192, decoder="nvimgcodec",
-                                          **{key: v for key, v in SETTING.items() if key in CONFIG_KEYS}))
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(SETTING.get("switch_interval", interval))
+            try:
+                s = run_extract(ExtractConfig(images=[root], labels=[csv], backbone=f"hf:{md}", out=out, progress=False,
+                                              workers=os.cpu_count(), shard_size=8192, decoder="nvimgcodec",
+                                              **{key: v for key, v in SETTING.items() if key in CONFIG_KEYS}))
+            finally:
+                sys.setswitchinterval(interval)
             EVENTS.append(("run end", "main", time.perf_counter(), time.perf_counter()))
             r = {"model": name, "variant": variant, "round": k // len(args.variants),
                  "pool_release_threshold": release_threshold(torch.device("cuda")),
                  "images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
                  **summarise(list(EVENTS), MADE[-1].decoders), **model_timeline()}
             mem1 = torch.cuda.memory_stats()  # cudaMalloc calls and retries (a retry frees the cache: a sync)
-            r["gc_full"] = list(GC_FULL)
+            start = next(e[2] for e in EVENTS if e[0] == "pipeline start")
+            r["gc_full"] = [{**g, "at": round(g["at"] - start, 3)} for g in GC_FULL]  # at: s from the pipeline's start
             r["cuda_allocator"] = {k: mem1.get(k, 0) - mem0.get(k, 0)
                                    for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
             res["runs"].append(r)
