@@ -488,11 +488,11 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
     stream_ctx = torch.cuda.stream(model_stream) if model_stream is not None else contextlib.nullcontext()
     # Everything made so far (the input list, the model, the compiler's caches: millions of
     # objects) is moved out of the collector's view: a full collection over them held every
-    # pipeline thread for 460 ms in a ViT-B/16 run (benchmarks/NOTES.md). Undone at the end
-    # (not done where the caller has frozen objects itself).
+    # pipeline thread for 400-1,100 ms in ViT-B/16 runs (benchmarks/NOTES.md). Undone at the
+    # end, unless objects were frozen before (by the caller, or a library: 375 were, on the
+    # GPU machine): those stay frozen, and so do these with them.
     froze = gc.get_freeze_count() == 0
-    if froze:
-        gc.freeze()
+    gc.freeze()
     t0 = time.perf_counter()
     t_first = None
     try:

@@ -146,11 +146,29 @@ def test_extract_keeps_what_it_made_before_the_loop_out_of_the_collector(digits_
 
     monkeypatch.setattr(run_mod.ShardWriter, "add_rows", add_rows)
     assert gc.get_freeze_count() == 0
-    run_mod.run_extract(run_mod.ExtractConfig(images=[digits_small["root"]], labels=[digits_small["train"]],
-                                              backbone=tiny_hf, out=str(tmp_path / "c"), device="cpu",
-                                              progress=False, workers=0))
+
+    def run(out: str) -> None:
+        run_mod.run_extract(run_mod.ExtractConfig(images=[digits_small["root"]], labels=[digits_small["train"]],
+                                                  backbone=tiny_hf, out=str(tmp_path / out), device="cpu",
+                                                  progress=False, workers=0))
+
+    run("c")
     assert seen and all(n > 1000 for n in seen)
     assert gc.get_freeze_count() == 0
+    # a few objects frozen before (as a library had on the GPU machine): the run's are frozen
+    # too, and everything stays frozen after (the caller's objects are not unfrozen)
+    keep = [[k] for k in range(10)]
+    gc.collect()
+    try:
+        gc.freeze()
+        before = gc.get_freeze_count()
+        seen.clear()
+        run("d")
+        assert seen and all(n > before for n in seen)  # the run's own objects were frozen too
+        assert gc.get_freeze_count() >= before
+    finally:
+        gc.unfreeze()
+    del keep
 
 
 def test_torchrun_ranks_write_contiguous_shards_that_open_as_the_one_process_cache(digits_small, tmp_path, tiny_hf):
