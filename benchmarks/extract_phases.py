@@ -68,11 +68,10 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     # Python hands the GIL over every 0.5 ms instead of 5 ms: a thread back from a C call that
     # released it (nvImageCodec's accessors, per image) waits less for a thread running Python
     "switch interval 0.5 ms": {"switch_interval": 0.0005},
-    "warm-up of 32 copies": {"warm_up_copies": 32},  # not a batch's worth per decoder
 }
 PIPELINE_KEYS = {"first_alone"}  # settings of gpu_batches, not of the BatchPreprocessor
 CONFIG_KEYS = {"batch_size"}  # settings of ExtractConfig
-PROCESS_KEYS = {"switch_interval", "warm_up_copies"}  # settings of the process, for the run
+PROCESS_KEYS = {"switch_interval"}  # settings of the process, for the run
 
 
 def instrument() -> None:
@@ -91,8 +90,6 @@ def instrument() -> None:
     def patched_warm_up(self, sample=None, **k):  # "warm_up_sample": False: no decode of the sample
         if k.get("decode", True) and not getattr(self, "warm_up_sample", True):
             return
-        if "warm_up_copies" in SETTING and "copies" in k:
-            k["copies"] = SETTING["warm_up_copies"]
         warm_up(self, sample, **k)
 
     BatchPreprocessor.warm_up = patched_warm_up

@@ -287,8 +287,7 @@ class BatchPreprocessor:
                     out[i] = im
         return out, sorted(cpu)
 
-    WARM_UP_PIXELS = 1024 * 1280 * 720  # at most this many pixels per warm-up decode call
-    WARM_UP_MEMORY_SHARE = 0.1  # ... and at most this share of the GPU's free memory
+    WARM_UP_PIXELS = 32 * 1280 * 720  # at most this many pixels per warm-up decode call
     # a larger first image sizes no memory pool: it is made before the batch size is chosen,
     # and one image per engine core of, say, 48 MP would take gigabytes
     PREALLOCATE_PIXELS = 2560 * 1440
@@ -297,11 +296,9 @@ class BatchPreprocessor:
         """Make the batch decoder(s) now (up to a second each for nvImageCodec) rather than
         in the first batch, with the JPEG engines' memory pool sized for a ``sample`` JPEG's
         size (e.g. the first input's) where one is given (``preallocate``). With ``decode``,
-        also decode ``copies`` of the sample (fewer if large: ``WARM_UP_PIXELS``, and
-        ``WARM_UP_MEMORY_SHARE`` of the GPU's free memory) with each decoder and resize them,
-        so that the decoders' buffers, the decoded images' memory (kept by CUDA's pool), the
-        resize weights for that size and the GPU libraries' handles are ready before the
-        first batch.
+        also decode ``copies`` of the sample (fewer if large: ``WARM_UP_PIXELS``) with each
+        decoder and resize them, so that the decoders' buffers, the resize weights for that
+        size and the GPU libraries' handles are ready before the first batch.
         ``run_extract`` calls it with the first input while the model compiles; the pipeline
         calls it without (a no-op by then) while the first files are read."""
         usable = sample is not None and not needs_cpu(sample)
@@ -313,12 +310,9 @@ class BatchPreprocessor:
         one = self.decode([sample])[0][0]
         if one is None:
             return
-        # a large first image gets fewer copies
-        pixels = one.shape[-2] * one.shape[-1]
-        room = self.WARM_UP_PIXELS // pixels
-        if self.device.type == "cuda":
-            room = min(room, int(self.WARM_UP_MEMORY_SHARE * torch.cuda.mem_get_info(self.device)[0]) // (3 * pixels))
-        copies = max(1, min(copies, room))
+        # a large first image gets fewer copies: this memory is taken while the batch size
+        # is chosen from the free memory
+        copies = max(1, min(copies, self.WARM_UP_PIXELS // (one.shape[-2] * one.shape[-1])))
         imgs: list[torch.Tensor | None] = [one]
         # nothing else decodes yet, so the pool hands out each of its decoders in turn
         for _ in range(max(1, self.decoders) if self.decoder == "nvimgcodec" else 1):

@@ -373,7 +373,6 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
 
     preprocessor = None
     sized = threading.Event()  # set once the batch size is chosen
-    warm_copies: list[int] = []  # the batch size, for the decoders' warm-up
     if pending and decoder in BATCH_DECODERS:
         # The batch decoder (up to a second to make) is made, and tried on the first input,
         # while the model moves and compiles.
@@ -391,10 +390,7 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
             preprocessor.warm_up(sample, decode=False)  # the decoders, their memory sized for the sample
             if sample is not None:
                 sized.wait()  # its decode and resize take memory: not while the batch size is chosen
-                # a batch of copies per decoder: the buffers nvImageCodec grows for a batch, and
-                # the decoded images' memory, which CUDA's pool then keeps (extract.mempool), are
-                # made now rather than in the first batches
-                preprocessor.warm_up(sample, copies=warm_copies[0] if warm_copies else 32)
+                preprocessor.warm_up(sample)
 
         helpers.append(threading.Thread(target=_quietly, args=(warm_up,), name="stage1-decoder", daemon=True))
         helpers[-1].start()
@@ -403,7 +399,6 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         backbone = backbone.to(device=device, dtype=model_dtype)
         batch_size = cfg.batch_size or (auto_batch_size(backbone, recipe.output_size, device, model_dtype)
                                         if device.type == "cuda" else 64)
-        warm_copies.append(batch_size)
     finally:
         sized.set()
     forward = backbone

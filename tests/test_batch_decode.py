@@ -597,7 +597,7 @@ def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_smal
     real = BatchPreprocessor.warm_up
 
     def warm_up(self, sample=None, **k):
-        calls.append((threading.current_thread().name, id(self), bool(sample), k.get("copies")))
+        calls.append((threading.current_thread().name, id(self), bool(sample)))
         real(self, sample, **k)
 
     made = []
@@ -626,9 +626,8 @@ def test_extract_makes_the_batch_decoder_while_the_model_is_prepared(digits_smal
                                                   progress=False, workers=0))
     assert s["decoder"] == "nvimgcodec" and s["rows_written"] + s["failures"] == s["inputs"]
     assert len(made) == 1  # the pipeline used the preprocessor made early
-    # the decoders made for, then tried on, the first input's bytes: a batch of copies each
-    assert [c for c in calls if c[0] == "stage1-decoder"] == [("stage1-decoder", made[0], True, None),
-                                                              ("stage1-decoder", made[0], True, s["batch_size"])]
+    # the decoders made for, then tried on, the first input's bytes
+    assert [c for c in calls if c[0] == "stage1-decoder"] == [("stage1-decoder", made[0], True)] * 2
     # ... and that trial is over before the batches start
     trial = [end for name, _, end in decodes if name == "stage1-decoder"]
     batches = [start for name, start, _ in decodes if name.startswith("stage1-decode_")]
