@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--busy", type=int, default=3, help="threads running Python beside it")
     ap.add_argument("--only", nargs="*", default=None, help="these steps only")
+    ap.add_argument("--switch-intervals", nargs="+", type=float, default=[0.005],
+                    help="Python's switch interval(s) in s for the busy runs (default 0.005, Python's own)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     root = "/tmp/stage1-extract-bench/images"
@@ -79,9 +81,11 @@ def main() -> None:
         while not stop.is_set():
             sum(range(2000))
 
-    for mode in ("alone", "busy"):
+    modes = ["alone"] + [f"busy, switch {v * 1e3:g} ms" for v in args.switch_intervals]
+    for mode, interval in zip(modes, [sys.getswitchinterval(), *args.switch_intervals], strict=True):
+        sys.setswitchinterval(interval)
         threads = []
-        if mode == "busy":
+        if mode != "alone":
             stop.clear()
             threads = [threading.Thread(target=spin, daemon=True) for _ in range(args.busy)]
             for t in threads:
@@ -97,12 +101,13 @@ def main() -> None:
                 times.append((t1 - t0) * 1e3)
                 del out
             res["ms"].setdefault(name, {})[mode] = round(statistics.median(times), 2)
-            print(f"{mode:6s} {name:34s} {statistics.median(times):8.2f} ms per {args.n} images", flush=True)
+            print(f"{mode:22s} {name:34s} {statistics.median(times):8.2f} ms per {args.n} images", flush=True)
         stop.set()
         for t in threads:
             t.join()
     for v in res["ms"].values():
-        v["busy_over_alone"] = round(v["busy"] / v["alone"], 2) if v["alone"] else None
+        for m in modes[1:]:
+            v[f"{m}: over alone"] = round(v[m] / v["alone"], 2) if v["alone"] else None
     out_dir = os.environ.get("OUT", "/tmp")
     with open(os.path.join(out_dir, "decode_python_probe.json"), "w") as fh:
         json.dump(res, fh, indent=1)
