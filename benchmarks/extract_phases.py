@@ -32,7 +32,7 @@ import extract.pipeline as pipeline  # noqa: E402
 from benchmarks._common import machine  # noqa: E402
 from benchmarks.extract_bench import build_images, save_model  # noqa: E402
 from extract.batch_decode import BatchPreprocessor  # noqa: E402
-from extract.mempool import release_threshold, set_release_threshold  # noqa: E402
+from extract.mempool import set_release_threshold  # noqa: E402
 from extract.readers import ReaderPool  # noqa: E402
 
 EVENTS: list[tuple[str, str, float, float]] = []  # (phase, thread, start, end)
@@ -271,7 +271,6 @@ def main() -> None:
                 sys.setswitchinterval(interval)
             EVENTS.append(("run end", "main", time.perf_counter(), time.perf_counter()))
             r = {"model": name, "variant": variant, "round": k // len(args.variants),
-                 "pool_release_threshold": release_threshold(torch.device("cuda")),
                  "images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
                  **summarise(list(EVENTS), MADE[-1].decoders), **model_timeline()}
             mem1 = torch.cuda.memory_stats()  # cudaMalloc calls and retries (a retry frees the cache: a sync)

@@ -8,7 +8,8 @@ threshold 0). The JPEG engines' decoder synchronises on an event for each small 
 images, so each batch of 1,024 images of 1280x720 (2.8 GB) would be mapped again image by
 image. PyTorch's own ``cudaMallocAsync`` backend sets the threshold to the maximum for the
 same reason; :func:`keep_pool_memory` does that for the pool the decoder uses, and
-:func:`trim_pool` gives the unused memory back when the pipeline ends.
+:func:`trim_pool` gives the unused memory back, and the threshold its value, when the
+pipeline ends.
 
 Through the CUDA driver API (``libcuda``, present wherever a GPU is), by ``ctypes``: torch
 does not expose the pool's attributes.
@@ -88,16 +89,32 @@ def set_release_threshold(device: torch.device, nbytes: int) -> bool:
         return _driver().cuMemPoolSetAttribute(pool, _RELEASE_THRESHOLD, ctypes.byref(value)) == 0
 
 
+_before: dict[int, int] = {}  # pool handle -> its threshold before keep_pool_memory
+
+
 def keep_pool_memory(device: torch.device) -> bool:
     """Let the pool keep the memory freed into it (release threshold at its maximum), so
-    that decoded images reuse it instead of mapping new memory. True where it was set."""
-    return set_release_threshold(device, _KEEP_ALL)
+    that decoded images reuse it instead of mapping new memory, until :func:`trim_pool`.
+    True where it was set."""
+    previous = release_threshold(device)
+    if previous is None or not set_release_threshold(device, _KEEP_ALL):
+        return False
+    pool = _pool(device)
+    with _lock:
+        _before.setdefault(pool.value, previous)
+    return True
 
 
 def trim_pool(device: torch.device) -> None:
-    """Give the memory the pool holds but does not use back to the driver."""
+    """Give the memory the pool holds but does not use back to the driver, and the pool
+    its release threshold from before :func:`keep_pool_memory`."""
+    pool = _pool(device)
+    if pool is None:
+        return
+    torch.cuda.synchronize(device)  # frees queued on streams reach the pool first
     with _lock:
-        pool = _pool(device)
-        if pool is not None:
-            torch.cuda.synchronize(device)  # frees queued on streams reach the pool first
-            _driver().cuMemPoolTrimTo(pool, ctypes.c_size_t(0))
+        previous = _before.pop(pool.value, None)
+    if previous is not None:
+        set_release_threshold(device, previous)
+    with _lock:
+        _driver().cuMemPoolTrimTo(pool, ctypes.c_size_t(0))

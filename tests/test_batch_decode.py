@@ -659,6 +659,77 @@ def test_pool_helpers_do_nothing_without_a_cuda_driver(monkeypatch):
     assert mp._lib == [None]
 
 
+class _FakeDriver:
+    """The few CUDA driver calls of extract.mempool, on one pool, in Python."""
+
+    def __init__(self) -> None:
+        self.attrs = {4: 0, 5: 123}  # release threshold, reserved bytes
+        self.trims: list[int] = []
+
+    def cuInit(self, flags):
+        return 0
+
+    def cuDeviceGet(self, ref, ordinal):
+        ref._obj.value = ordinal
+        return 0
+
+    def cuDeviceGetMemPool(self, ref, dev):
+        ref._obj.value = 0x1000 + dev.value
+        return 0
+
+    def cuMemPoolGetAttribute(self, pool, attr, ref):
+        ref._obj.value = self.attrs[attr]
+        return 0
+
+    def cuMemPoolSetAttribute(self, pool, attr, ref):
+        self.attrs[attr] = ref._obj.value
+        return 0
+
+    def cuMemPoolTrimTo(self, pool, keep):
+        self.trims.append(keep.value)
+        return 0
+
+
+def test_pool_keeps_memory_until_trimmed_then_gets_its_threshold_back(monkeypatch):
+    import extract.mempool as mp
+
+    drv = _FakeDriver()
+    monkeypatch.setattr(mp, "_lib", [drv])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    dev = torch.device("cuda", 0)
+    drv.attrs[4] = 5_000
+    assert mp.release_threshold(dev) == 5_000 and mp.reserved_bytes(dev) == 123
+    assert mp.keep_pool_memory(dev) and mp.keep_pool_memory(dev)  # twice: the first value is kept
+    assert mp.release_threshold(dev) == 2**64 - 1
+    mp.trim_pool(dev)
+    assert mp.release_threshold(dev) == 5_000 and drv.trims == [0]
+    mp.trim_pool(dev)  # nothing to restore: trims only
+    assert mp.release_threshold(dev) == 5_000 and drv.trims == [0, 0]
+
+
+def test_pipeline_keeps_the_pool_while_decoding_and_trims_it_after(digits_small, monkeypatch):
+    """The nvImageCodec preprocessor asks the pool to keep memory when it makes its
+    decoders; the pipeline trims it when it ends (recorded here on the CPU)."""
+    import extract.pipeline as pl
+    from extract.sources import build_input_list
+
+    calls = []
+    monkeypatch.setattr(bd, "keep_pool_memory", lambda device: calls.append(("keep", device.type)) or False)
+    monkeypatch.setattr(pl, "trim_pool", lambda device: calls.append(("trim", device.type)))
+    il = build_input_list([digits_small["root"]], [digits_small["train"]])
+    batches = [list(range(s, min(s + 8, len(il.items)))) for s in range(0, len(il.items), 8)]
+    for _ in pl.gpu_batches(il.items, batches, Preprocessing(), torch.device("cpu"), decoder="nvimgcodec",
+                            readers=2, prefetch=2):
+        assert calls == [("keep", "cpu")]
+    assert calls == [("keep", "cpu"), ("trim", "cpu")]
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    bp.keep_pool = False
+    calls.clear()
+    list(pl.gpu_batches(il.items, batches[:1], Preprocessing(), torch.device("cpu"), decoder="nvimgcodec",
+                        readers=2, preprocessor=bp))
+    assert calls == []
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decoded_images_memory_is_kept_by_the_pool_while_decoding_and_given_back_after(digits_small):
@@ -680,4 +751,4 @@ def test_decoded_images_memory_is_kept_by_the_pool_while_decoding_and_given_back
         held.append(mp.reserved_bytes(dev))
     assert kept and all(k == 2**64 - 1 for k in kept)
     assert max(held) > 0 and mp.reserved_bytes(dev) < max(held), (held, mp.reserved_bytes(dev))
-    mp.set_release_threshold(dev, 0)
+    assert mp.release_threshold(dev) == 0  # as before the pipeline
