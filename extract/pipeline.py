@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -143,7 +144,10 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
         dec.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=False, cancel_futures=True)
         if bp.decoder == "nvimgcodec" and bp.keep_pool:
-            trim_pool(device)  # the decoded images' memory, kept by the pool while decoding
+            # the decoded images' memory, kept by the pool while decoding; a CUDA error here
+            # must not hide the one that ended the loop
+            with contextlib.suppress(RuntimeError):
+                trim_pool(device)
         if own_reader:
             reader.close()
 

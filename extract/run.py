@@ -491,7 +491,7 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
     # pipeline thread for 400-1,100 ms in ViT-B/16 runs (benchmarks/NOTES.md). Undone at the
     # end, unless objects were frozen before (by the caller, or a library: 375 were, on the
     # GPU machine): those stay frozen, and so do these with them.
-    froze = gc.get_freeze_count() == 0
+    unfreeze_after = gc.get_freeze_count() == 0
     gc.freeze()
     t0 = time.perf_counter()
     t_first = None
@@ -546,7 +546,7 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         raise
     finally:
         bar.close()
-        if froze:
+        if unfreeze_after:
             gc.unfreeze()
     seconds = time.perf_counter() - t0
     steady = time.perf_counter() - t_first if t_first is not None else 0.0
