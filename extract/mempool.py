@@ -58,35 +58,38 @@ def _pool(device: torch.device) -> ctypes.c_void_p | None:
     return pool
 
 
-def _get(device: torch.device, attribute: int) -> int | None:
-    pool = _pool(device)
-    if pool is None:
-        return None
+def _get(pool: ctypes.c_void_p, attribute: int) -> int | None:
     value = ctypes.c_uint64()
     if _driver().cuMemPoolGetAttribute(pool, attribute, ctypes.byref(value)) != 0:
         return None
     return value.value
 
 
+def _set_threshold(pool: ctypes.c_void_p, nbytes: int) -> bool:
+    value = ctypes.c_uint64(nbytes)
+    return _driver().cuMemPoolSetAttribute(pool, _RELEASE_THRESHOLD, ctypes.byref(value)) == 0
+
+
 def release_threshold(device: torch.device) -> int | None:
     """Bytes the pool keeps reserved across synchronisations (None: no pool, e.g. a CPU)."""
-    return _get(device, _RELEASE_THRESHOLD)
+    pool = _pool(device)
+    return None if pool is None else _get(pool, _RELEASE_THRESHOLD)
 
 
 def reserved_bytes(device: torch.device) -> int | None:
     """Bytes of device memory the pool holds now, in use or not (None: no pool)."""
-    return _get(device, _RESERVED_MEM_CURRENT)
+    pool = _pool(device)
+    return None if pool is None else _get(pool, _RESERVED_MEM_CURRENT)
 
 
 def set_release_threshold(device: torch.device, nbytes: int) -> bool:
     """Set the bytes the pool keeps reserved across synchronisations (CUDA's default: 0).
     True where it was set."""
+    pool = _pool(device)
+    if pool is None:
+        return False
     with _lock:
-        pool = _pool(device)
-        if pool is None:
-            return False
-        value = ctypes.c_uint64(nbytes)
-        return _driver().cuMemPoolSetAttribute(pool, _RELEASE_THRESHOLD, ctypes.byref(value)) == 0
+        return _set_threshold(pool, nbytes)
 
 
 _before: dict[int, int] = {}  # pool handle -> its threshold before keep_pool_memory
@@ -96,13 +99,15 @@ def keep_pool_memory(device: torch.device) -> bool:
     """Let the pool keep the memory freed into it (release threshold at its maximum), so
     that decoded images reuse it instead of mapping new memory, until :func:`trim_pool`.
     True where it was set."""
-    previous = release_threshold(device)
-    if previous is None or not set_release_threshold(device, _KEEP_ALL):
-        return False
     pool = _pool(device)
+    if pool is None:
+        return False
     with _lock:
+        previous = _get(pool, _RELEASE_THRESHOLD)
+        if previous is None or not _set_threshold(pool, _KEEP_ALL):
+            return False
         _before.setdefault(pool.value, previous)
-    return True
+        return True
 
 
 def trim_pool(device: torch.device) -> None:
@@ -114,7 +119,6 @@ def trim_pool(device: torch.device) -> None:
     torch.cuda.synchronize(device)  # frees queued on streams reach the pool first
     with _lock:
         previous = _before.pop(pool.value, None)
-    if previous is not None:
-        set_release_threshold(device, previous)
-    with _lock:
+        if previous is not None:
+            _set_threshold(pool, previous)
         _driver().cuMemPoolTrimTo(pool, ctypes.c_size_t(0))
