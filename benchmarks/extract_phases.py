@@ -65,6 +65,8 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     "engines 85 %": {"engine_share": 0.85},
     "engines 70 %": {"engine_share": 0.7},
     "batch 512": {"batch_size": 512},  # half the automatic 1,024: a first batch half as long
+    # the model's forward on the whole decoded batch, and no ramp of small first batches
+    "forward 1024": {"forward_batch": 1024},
     # Python hands the GIL over every 0.5 ms instead of 5 ms: a thread back from a C call that
     # released it (nvImageCodec's accessors, per image) waits less for a thread running Python
     "switch interval 0.5 ms": {"switch_interval": 0.0005},
@@ -75,7 +77,7 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
 }
 # settings of gpu_batches, not of the BatchPreprocessor: setting -> gpu_batches argument
 PIPELINE_KEYS = {"first_alone": "first_alone", "decode_threads": "decoders"}
-CONFIG_KEYS = {"batch_size"}  # settings of ExtractConfig
+CONFIG_KEYS = {"batch_size", "forward_batch"}  # settings of ExtractConfig
 PROCESS_KEYS = {"switch_interval"}  # settings of the process, for the run
 
 

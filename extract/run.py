@@ -54,7 +54,8 @@ class ExtractConfig:
     image_size: int = 224  # network input side (multiple of 16)
     feature_sets: list[str] = field(default_factory=lambda: list(FEATURE_SETS))  # which sets to cache
     dtype: str = "float16"  # stored feature dtype
-    batch_size: int | None = None  # images per forward pass (None: 64 on a CPU, from free memory on a GPU)
+    batch_size: int | None = None  # images per decoded batch (None: 64 on a CPU, from free memory on a GPU)
+    forward_batch: int | None = None  # images per model forward, dividing batch_size (None: 256 on a GPU, else batch_size)
     shard_size: int = 4096  # inputs per shard file (the unit of resumption)
     workers: int = field(default_factory=_default_workers)  # CPU decode processes; with a GPU decoder: file readers
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
@@ -75,9 +76,12 @@ class ExtractConfig:
             raise Stage1Error(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
         if self.compile not in ("auto", "on", "off"):
             raise Stage1Error(f"--compile {self.compile!r}: choose auto, on or off")
-        for k in ("batch_size", "shard_size"):
+        for k in ("batch_size", "forward_batch", "shard_size"):
             if getattr(self, k) is not None and int(getattr(self, k)) < 1:
                 raise Stage1Error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+        if self.batch_size is not None and self.forward_batch is not None and self.batch_size % self.forward_batch:
+            raise Stage1Error(f"--forward-batch {self.forward_batch} must divide --batch-size {self.batch_size}; "
+                              "give a divisor, or leave one of them out")
         failure_limit(self.max_failures, 1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +198,37 @@ def _check_existing(out: str, fingerprint: str, plan_id: str, num_inputs: int, b
             raise Stage1Error(
                 f"{out}: already holds a cache of a different input list ({old['num_inputs']} inputs, "
                 f"this run has {num_inputs}); use another --out for new inputs, or delete {out}")
+
+
+def plan_batches(ranges: list[tuple[int, int]], shards: list[int], batch_size: int, forward_batch: int
+                 ) -> tuple[list[list[int]], list[int]]:
+    """The batches of a run over ``shards`` (indices into ``ranges``), in order, and the shard of each.
+
+    Batches never straddle a shard. The run starts with small batches, two of each size,
+    doubling from ``forward_batch`` up to ``batch_size``, so that the model starts after one
+    forward's worth of images is decoded rather than a full batch (the first full batch took
+    0.6-1.0 s of a 7.4 s ViT-L/16 run over 20,000 files), and the batches behind it keep up
+    (doubling at every batch left the model waiting 70-160 ms for the second and third;
+    benchmarks/NOTES.md). Every batch starts a
+    multiple of ``forward_batch`` after its shard's start, so the model's forwards hold the
+    same images whichever shard a run starts from: a resumed run computes what an
+    uninterrupted one would.
+    """
+    if batch_size % forward_batch:
+        raise ValueError(f"forward_batch {forward_batch} does not divide batch_size {batch_size}")
+    batches: list[list[int]] = []
+    batch_shard: list[int] = []
+    size = forward_batch
+    for k in shards:
+        a, b = ranges[k]
+        s0 = a
+        while s0 < b:
+            batches.append(list(range(s0, min(s0 + size, b))))
+            batch_shard.append(k)
+            s0 += size
+            if len(batches) % 2 == 0:
+                size = min(2 * size, batch_size)
+    return batches, batch_shard
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -399,6 +434,15 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         backbone = backbone.to(device=device, dtype=model_dtype)
         batch_size = cfg.batch_size or (auto_batch_size(backbone, recipe.output_size, device, model_dtype)
                                         if device.type == "cuda" else 64)
+        # The model's static shape: 256 images are as fast a forward as 1,024 on an H200
+        # (compiled ViT-B/16 10,000 img/s, ViT-L/16 3,400; benchmarks/FACTS), and a small
+        # first batch starts it sooner (plan_batches).
+        forward_batch = cfg.forward_batch or (256 if device.type == "cuda" else batch_size)
+        if cfg.batch_size is None:  # sized here: a multiple of the forward's batch
+            forward_batch = min(forward_batch, batch_size)
+            batch_size = batch_size // forward_batch * forward_batch
+        elif batch_size % forward_batch:  # --batch-size given, not a multiple of the default forward
+            forward_batch = batch_size
     finally:
         sized.set()
     forward = backbone
@@ -407,18 +451,17 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
     if compile_on:
         forward = torch.compile(backbone, dynamic=False)
         if pending:  # compile now, before the data pipeline starts, so throughput is measured honestly
+            # made outside inference mode, as the batches are: an inference tensor has other
+            # dispatch keys, and the compiled model's guards sent the first batch to a second
+            # compile (2-4 s inside the run when the compile cache was cold; benchmarks/NOTES.md)
+            x0 = torch.zeros(forward_batch, 3, recipe.output_size, recipe.output_size, device=device,
+                             dtype=model_dtype)
             with torch.inference_mode():
-                forward(torch.zeros(batch_size, 3, recipe.output_size, recipe.output_size, device=device,
-                                    dtype=model_dtype))
+                forward(x0)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
     compile_seconds = time.perf_counter() - t_compile
-    batches, batch_shard = [], []
-    for k in pending:
-        a, b = ranges[k]
-        for s0 in range(a, b, batch_size):
-            batches.append(list(range(s0, min(s0 + batch_size, b))))
-            batch_shard.append(k)
+    batches, batch_shard = plan_batches(ranges, pending, batch_size, forward_batch)
     n_pending = sum(ranges[k][1] - ranges[k][0] for k in pending)
 
     if decoder in BATCH_DECODERS:
@@ -510,21 +553,23 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
                     failures_new += len(failed)
                 if idx:
                     m = len(idx)
-                    x = x.to(device, non_blocking=True)
-                    if compile_on and m < batch_size:  # static shapes: pad the last batch
-                        x = torch.cat([x, x.new_zeros((batch_size - m, *x.shape[1:]))])
+                    x = x.to(device, non_blocking=True).to(model_dtype)
+                    if compile_on and m % forward_batch:  # static shapes: pad the last forward
+                        pad = forward_batch - m % forward_batch
+                        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+                    on_gpu = device.type == "cuda"
+                    host = {s: torch.empty((m, backbone.embed_dim), dtype=torch_store if on_gpu else torch.float32,
+                                           pin_memory=on_gpu) for s in cfg.feature_sets}
                     with torch.inference_mode():
-                        feats = forward(x.to(model_dtype))
-                    if device.type == "cuda":
-                        host = {s: torch.empty((m, backbone.embed_dim), dtype=torch_store, pin_memory=True)
-                                for s in cfg.feature_sets}
-                        for s in cfg.feature_sets:
-                            host[s].copy_(feats[s][:m].to(torch_store), non_blocking=True)
+                        for c in range(0, m, forward_batch):
+                            feats = forward(x[c:c + forward_batch])
+                            e = min(c + forward_batch, m)
+                            for s in cfg.feature_sets:  # a pinned buffer: the copy does not block
+                                host[s][c:e].copy_(feats[s][:e - c].to(host[s].dtype), non_blocking=on_gpu)
+                    event = None
+                    if on_gpu:
                         event = torch.cuda.Event()
                         event.record()
-                    else:
-                        host = {s: feats[s][:m].float() for s in cfg.feature_sets}
-                        event = None
                     submit(add_rows, idx, shas, host, event)
                     rows_written += m
                 if t_first is None:
@@ -570,7 +615,7 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         "steady_images_per_s": round((n_pending - first_batch) / steady, 1) if steady > 0 else None,
         "first_batch_seconds": round(t_first - t0, 3) if t_first is not None else None,
         "compile_seconds": round(compile_seconds, 3),
-        "batch_size": batch_size, "decoder": decoder, "compiled": compile_on, "rank": rank, "world_size": world,
+        "batch_size": batch_size, "forward_batch": forward_batch, "decoder": decoder, "compiled": compile_on, "rank": rank, "world_size": world,
         "device": str(device), "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES") if device.type == "cuda" else None,
         "fingerprint": fingerprint, "backbone": cfg.backbone,
     }

@@ -36,7 +36,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     cfg = ExtractConfig(images=args.images, labels=args.labels or [], backbone=args.backbone, out=args.out,
                         weights=args.weights, preprocess=args.preprocess, image_size=args.image_size,
                         feature_sets=args.feature_sets, dtype=args.dtype, batch_size=args.batch_size,
-                        shard_size=args.shard_size, device=args.device, max_failures=str(args.max_failures),
+                        forward_batch=args.forward_batch, shard_size=args.shard_size, device=args.device, max_failures=str(args.max_failures),
                         decoder=args.decoder, compile=args.compile,
                         progress=not args.quiet, **({"workers": args.workers} if args.workers is not None else {}))
     summary = run_extract(cfg)
@@ -324,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="DIR", help="cache directory (shard-NNNNN.h5 + extract.json)")
     g.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype (default: float16)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="images per forward pass (default: 64 on a CPU, sized from free memory on a GPU)")
+                   help="images decoded per batch (default: 64 on a CPU, sized from free memory on a GPU)")
+    g.add_argument("--forward-batch", type=int, default=None,
+                   help="images per model forward, a divisor of --batch-size; a run starts with batches of this "
+                        "size, doubling (default: 256 on a GPU, else the batch size)")
     g.add_argument("--decoder", choices=["auto", "nvimgcodec", "nvjpeg", "pil"], default="auto",
                    help="JPEG decoding: nvimgcodec = the GPU's hardware JPEG engines (nvImageCodec), nvjpeg = "
                         "batched on the GPU's SMs (torchvision), pil = CPU workers (default: auto, the first of "

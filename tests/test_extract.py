@@ -81,6 +81,41 @@ def test_rerun_skips_and_other_backbone_refused(digits_small, tmp_path, tiny_hf,
     assert before == {f: os.path.getmtime(out / f) for f in os.listdir(out) if f.endswith(".h5")}
 
 
+def test_plan_batches_ramp_from_the_run_start_and_forwards_aligned_to_each_shard():
+    from extract.run import plan_batches, shard_ranges
+
+    ranges = shard_ranges(1000, 300)  # 300, 300, 300, 100
+    batches, shard = plan_batches(ranges, [0, 1, 2, 3], 64, 8)
+    assert [len(b) for b in batches[:8]] == [8, 8, 16, 16, 32, 32, 64, 64]
+    assert [i for b in batches for i in b] == list(range(1000))  # every input once, in order
+    for b, k in zip(batches, shard, strict=True):
+        a, z = ranges[k]
+        assert a <= b[0] and b[-1] < z  # never across a shard
+        assert (b[0] - a) % 8 == 0 and len(b) <= 64
+
+    def forwards(bs):  # the images of each model forward
+        return [tuple(b[c:c + 8]) for b in bs for c in range(0, len(b), 8)]
+
+    # a run resumed at shard 2 starts its ramp there, and its forwards hold the same images
+    resumed, _ = plan_batches(ranges, [2, 3], 64, 8)
+    assert len(resumed[0]) == 8
+    assert forwards(resumed) == [f for f in forwards(batches) if f[0] >= 600]
+    with pytest.raises(ValueError, match="does not divide"):
+        plan_batches(ranges, [0], 64, 24)
+
+
+def test_forward_batch_chunks_match_whole_batches(digits_small, tmp_path, tiny_hf):
+    whole = run_extract(_cfg(digits_small, tiny_hf, tmp_path / "a", shard_size=64, batch_size=16))
+    chunked = run_extract(_cfg(digits_small, tiny_hf, tmp_path / "b", shard_size=64, batch_size=16, forward_batch=4))
+    assert (whole["forward_batch"], chunked["forward_batch"]) == (16, 4)
+    with open_cache(str(tmp_path / "a")) as a, open_cache(str(tmp_path / "b")) as b:
+        assert a.paths.tolist() == b.paths.tolist()
+        for name in ("cls", "patch_mean"):
+            np.testing.assert_allclose(a.features(name), b.features(name), rtol=1e-4, atol=1e-5)
+    with pytest.raises(Stage1Error, match="--forward-batch 3 must divide --batch-size 16"):
+        run_extract(_cfg(digits_small, tiny_hf, tmp_path / "c", batch_size=16, forward_batch=3))
+
+
 def test_max_failures(digits_small, tmp_path, tiny_hf):
     s = run_extract(_cfg(digits_small, tiny_hf, tmp_path / "c", max_failures="2"))
     assert s["failures_exceeded"] and s["max_failures"] == 2
@@ -88,10 +123,9 @@ def test_max_failures(digits_small, tmp_path, tiny_hf):
     assert not s["failures_exceeded"]
 
 
-def _extract_cmd(digits, spec, out):
+def _extract_cmd(digits, spec, out, sizes=("--batch-size", "2", "--shard-size", "4")):
     return [sys.executable, "-m", "headlab", "extract", "--images", digits["root"], "--labels", digits["train"],
-            "--backbone", spec, "--out", str(out), "--workers", "0", "--batch-size", "2", "--shard-size", "4", "--max-failures", "5",
-            "--quiet"]
+            "--backbone", spec, "--out", str(out), "--workers", "0", *sizes, "--max-failures", "5", "--quiet"]
 
 
 def kill_and_resume(cmd, out, *, after_shards: int = 2, timeout: float = 300) -> None:
@@ -114,12 +148,16 @@ def kill_and_resume(cmd, out, *, after_shards: int = 2, timeout: float = 300) ->
     assert r.returncode == 0, r.stderr
 
 
-def test_resume_after_sigkill_is_bitwise_identical(digits_small, tmp_path, tiny_hf):
+@pytest.mark.parametrize("sizes", [("--batch-size", "2", "--shard-size", "4"),
+                                   # batches of 1, 1, 2, 2, 4 from the run's start, forwards of 1
+                                   ("--batch-size", "4", "--forward-batch", "1", "--shard-size", "6")],
+                         ids=["batch", "ramp"])
+def test_resume_after_sigkill_is_bitwise_identical(digits_small, tmp_path, tiny_hf, sizes):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    r = subprocess.run(_extract_cmd(digits_small, tiny_hf, ref), env={**os.environ, "PYTHONPATH": REPO},
+    r = subprocess.run(_extract_cmd(digits_small, tiny_hf, ref, sizes), env={**os.environ, "PYTHONPATH": REPO},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    kill_and_resume(_extract_cmd(digits_small, tiny_hf, killed), killed)
+    kill_and_resume(_extract_cmd(digits_small, tiny_hf, killed, sizes), killed)
     assert verify_cache(str(killed)) == []
     with open_cache(str(ref)) as a, open_cache(str(killed)) as b:
         for name in ("cls", "patch_mean"):
@@ -127,6 +165,36 @@ def test_resume_after_sigkill_is_bitwise_identical(digits_small, tmp_path, tiny_
             assert fa.tobytes() == fb.tobytes()
         assert a.paths.tolist() == b.paths.tolist() and a.labels.tolist() == b.labels.tolist()
         assert a.failures == b.failures
+
+
+def test_compiled_model_is_not_compiled_again_inside_the_run(digits_small, tmp_path, tiny_hf, monkeypatch):
+    """The compile's warm-up call takes an input like the batches' (made outside inference
+    mode), so the first batch does not fail the compiled model's guards and compile again."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    graphs = []  # graphs compiled so far, after each call: the warm-up's, then each forward's
+
+    def compile_(model, **k):
+        fn = real(model, backend="eager", **k)  # dynamo's guards as with inductor; no C++ toolchain
+
+        def forward(x):
+            y = fn(x)
+            graphs.append(counters["stats"]["unique_graphs"])
+            return y
+        return forward
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        s = run_extract(_cfg(digits_small, tiny_hf, tmp_path / "c", compile="on", batch_size=16, forward_batch=8,
+                             shard_size=64))
+    finally:
+        torch._dynamo.reset()
+    assert s["compiled"] and len(graphs) > 3 and graphs[0] >= 1
+    assert graphs == [graphs[0]] * len(graphs)  # nothing compiled after the warm-up
 
 
 def test_extract_keeps_what_it_made_before_the_loop_out_of_the_collector(digits_small, tmp_path, tiny_hf,
