@@ -64,7 +64,9 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     # each batch split: at most this share to the JPEG engines, the rest to the CUDA decoder (SMs)
     "engines 85 %": {"engine_share": 0.85},
     "engines 70 %": {"engine_share": 0.7},
-    "batch 512": {"batch_size": 512},  # half the automatic 1,024: a first batch half as long
+    "batch 1024": {"batch_size": 1024},  # the automatic size before it was capped at 512
+    "batch 512": {"batch_size": 512},
+    "batch 256": {"batch_size": 256},  # one forward per decoded batch, no ramp
     # the model's forward on the whole decoded batch, and no ramp of small first batches
     "forward 1024": {"forward_batch": 1024},
     # Python hands the GIL over every 0.5 ms instead of 5 ms: a thread back from a C call that

@@ -195,9 +195,11 @@ class AsyncWriter:
 
 
 def auto_batch_size(backbone: torch.nn.Module, image_size: int, device: torch.device, dtype: torch.dtype,
-                    *, cap: int = 1024, share: float = 0.6) -> int:
+                    *, cap: int = 512, share: float = 0.6) -> int:
     """Largest batch (multiple of 32, <= cap) whose activations fit ``share`` of free memory,
-    from the peak memory of a probe forward pass of 8 images."""
+    from the peak memory of a probe forward pass of 8 images. The cap: batches of 512 images
+    decoded gave 1-6 % more images/s than 1,024 in A/B runs on an H200, with forwards of 256
+    (benchmarks/NOTES.md), and half the decoded images' memory in flight."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
