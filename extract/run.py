@@ -208,11 +208,10 @@ def plan_batches(ranges: list[tuple[int, int]], shards: list[int], batch_size: i
     doubling from ``forward_batch`` up to ``batch_size``, so that the model starts after one
     forward's worth of images is decoded rather than a full batch (the first full batch took
     0.6-1.0 s of a 7.4 s ViT-L/16 run over 20,000 files), and the batches behind it keep up
-    (doubling at every batch left the model waiting 70-160 ms for the second and third;
-    benchmarks/NOTES.md). Every batch starts a
-    multiple of ``forward_batch`` after its shard's start, so the model's forwards hold the
-    same images whichever shard a run starts from: a resumed run computes what an
-    uninterrupted one would.
+    (doubling at every batch left the model waiting 60-160 ms for the second and third;
+    benchmarks/NOTES.md). Every batch starts a multiple of ``forward_batch`` after its
+    shard's start, so the model's forwards hold the same images whichever shard a run starts
+    from: a resumed run computes what an uninterrupted one would.
     """
     if batch_size % forward_batch:
         raise ValueError(f"forward_batch {forward_batch} does not divide batch_size {batch_size}")
@@ -434,9 +433,10 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         backbone = backbone.to(device=device, dtype=model_dtype)
         batch_size = cfg.batch_size or (auto_batch_size(backbone, recipe.output_size, device, model_dtype)
                                         if device.type == "cuda" else 64)
-        # The model's static shape: 256 images are as fast a forward as 1,024 on an H200
-        # (compiled ViT-B/16 10,000 img/s, ViT-L/16 3,400; benchmarks/FACTS), and a small
-        # first batch starts it sooner (plan_batches).
+        # The model's static shape: 256 images are as fast a forward as more on an H200
+        # (compiled ViT-B/16 9,733 img/s at 256, 9,735 at 512; ViT-L/16 3,253 and 3,289;
+        # benchmarks/results/extract_bench.json), and a small first batch starts it sooner
+        # (plan_batches).
         forward_batch = cfg.forward_batch or (256 if device.type == "cuda" else batch_size)
         if cfg.batch_size is None:  # sized here: a multiple of the forward's batch
             forward_batch = min(forward_batch, batch_size)
@@ -615,7 +615,8 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         "steady_images_per_s": round((n_pending - first_batch) / steady, 1) if steady > 0 else None,
         "first_batch_seconds": round(t_first - t0, 3) if t_first is not None else None,
         "compile_seconds": round(compile_seconds, 3),
-        "batch_size": batch_size, "forward_batch": forward_batch, "decoder": decoder, "compiled": compile_on, "rank": rank, "world_size": world,
+        "batch_size": batch_size, "forward_batch": forward_batch, "decoder": decoder, "compiled": compile_on,
+        "rank": rank, "world_size": world,
         "device": str(device), "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES") if device.type == "cuda" else None,
         "fingerprint": fingerprint, "backbone": cfg.backbone,
     }

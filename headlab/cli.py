@@ -36,8 +36,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     cfg = ExtractConfig(images=args.images, labels=args.labels or [], backbone=args.backbone, out=args.out,
                         weights=args.weights, preprocess=args.preprocess, image_size=args.image_size,
                         feature_sets=args.feature_sets, dtype=args.dtype, batch_size=args.batch_size,
-                        forward_batch=args.forward_batch, shard_size=args.shard_size, device=args.device, max_failures=str(args.max_failures),
-                        decoder=args.decoder, compile=args.compile,
+                        forward_batch=args.forward_batch, shard_size=args.shard_size, device=args.device,
+                        max_failures=str(args.max_failures), decoder=args.decoder, compile=args.compile,
                         progress=not args.quiet, **({"workers": args.workers} if args.workers is not None else {}))
     summary = run_extract(cfg)
     if args.json:
@@ -326,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None,
                    help="images decoded per batch (default: 64 on a CPU, sized from free memory on a GPU)")
     g.add_argument("--forward-batch", type=int, default=None,
-                   help="images per model forward, a divisor of --batch-size; a run starts with batches of this "
-                        "size, doubling (default: 256 on a GPU, else the batch size)")
+                   help="images per model forward, a divisor of --batch-size; a run starts with two batches of "
+                        "this size, then doubles it (default: 256 on a GPU, else the batch size)")
     g.add_argument("--decoder", choices=["auto", "nvimgcodec", "nvjpeg", "pil"], default="auto",
                    help="JPEG decoding: nvimgcodec = the GPU's hardware JPEG engines (nvImageCodec), nvjpeg = "
                         "batched on the GPU's SMs (torchvision), pil = CPU workers (default: auto, the first of "
