@@ -49,6 +49,54 @@ def test_round_trip_one_shard(tmp_path):
         assert c.fingerprint == fingerprint_of(PROV)
 
 
+@pytest.mark.parametrize("flush_rows", [1, 7, 64, None])
+def test_buffered_writes_give_the_same_shard(tmp_path, flush_rows):
+    """Rows gathered in memory and written every ``flush_rows`` give the shard that one
+    write per call gives, whatever the calls' sizes (some larger than the buffer)."""
+    rng = np.random.default_rng(3)
+    sizes = [3, 5, 1, 20, 2, 9, 30, 4]
+    n = sum(sizes)
+    feats = {k: rng.normal(size=(n, 8)).astype(np.float32) for k in ("cls", "patch_mean")}
+
+    def write(path, rows):
+        w = ShardWriter(path, feature_dims={"cls": 8, "patch_mean": 8}, provenance=PROV,
+                        fingerprint=fingerprint_of(PROV), classes=["no", "yes"], flush_rows=rows,
+                        plan={"plan_id": "p" * 64, "input_start": 0, "input_stop": n, "num_inputs": n})
+        a = 0
+        for k, m in enumerate(sizes):
+            sl = slice(a, a + m)
+            w.add_rows(features={name: f[sl] for name, f in feats.items()}, labels=[i % 2 for i in range(a, a + m)],
+                       paths=[f"dir/img{i}.jpg" for i in range(a, a + m)], sha256=[f"{i:064x}" for i in range(a, a + m)],
+                       source=[f"s{k}"] * m, group=[f"g{i // 3}" for i in range(a, a + m)], index=list(range(a, a + m)))
+            if k == 2:
+                w.add_failure(n + 1, "dir/broken.jpg", "not an image")
+            a += m
+        assert w.rows == n
+        return w.finish()
+
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "got").mkdir()
+    ref = write(str(tmp_path / "ref" / "shard-00000.h5"), 1)  # every call written as it comes
+    got = write(str(tmp_path / "got" / "shard-00000.h5"), flush_rows)
+    with h5py.File(ref, "r") as a, h5py.File(got, "r") as b:
+        for name in ("features/cls", "features/patch_mean", "labels", "index", "sha256", "paths", "source", "group",
+                     "failures/index", "failures/path"):
+            assert a[name].shape == b[name].shape and a[name].shape[0] in (n, 1), name
+            assert a[name][...].tolist() == b[name][...].tolist(), name
+        assert b.attrs["rows"] == n
+
+
+def test_writer_refuses_columns_of_other_lengths(tmp_path):
+    w = ShardWriter(str(tmp_path / "shard-00000.h5"), feature_dims={"cls": 4}, provenance=PROV,
+                    fingerprint=fingerprint_of(PROV), plan={"plan_id": "p" * 64, "input_start": 0, "input_stop": 2,
+                                                            "num_inputs": 2})
+    with pytest.raises(ValueError, match="paths has 1 values, want 2"):
+        w.add_rows(features={"cls": np.zeros((2, 4))}, labels=[0, 1], paths=["a.jpg"], sha256=["0" * 64] * 2,
+                   source=["s"] * 2, group=["g"] * 2, index=[0, 1])
+    w.abort()
+    assert not os.listdir(tmp_path)
+
+
 def test_partial_shard_is_never_read(tmp_path):
     d = tmp_path / "c"
     d.mkdir()
