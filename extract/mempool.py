@@ -5,7 +5,7 @@ nvImageCodec's Python ``Decoder`` gives every decoded image a buffer of its own 
 from the device's current memory pool, which by default returns every byte it does not
 hold in use to the driver at the next stream, event or device synchronisation (release
 threshold 0). The JPEG engines' decoder synchronises on an event for each small group of
-images, so each batch of 1,024 images of 1280x720 (2.8 GB) would be mapped again image by
+images, so each batch of 512 images of 1280x720 (1.4 GB) would be mapped again image by
 image. PyTorch's own ``cudaMallocAsync`` backend sets the threshold to the maximum for the
 same reason; :func:`keep_pool_memory` does that for the pool the decoder uses, and
 :func:`trim_pool` gives the unused memory back, and the threshold its value, when the
