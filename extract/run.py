@@ -534,6 +534,8 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
     # pipeline thread for 400-1,100 ms in ViT-B/16 runs (benchmarks/NOTES.md). Undone at the
     # end, unless objects were frozen before (by the caller, or a library: 375 were, on the
     # GPU machine): those stay frozen, and so do these with them.
+    on_gpu = device.type == "cuda"
+    host_dtype = torch_store if on_gpu else torch.float32  # features on the host, before the writer
     unfreeze_after = gc.get_freeze_count() == 0
     gc.freeze()
     t0 = time.perf_counter()
@@ -557,9 +559,8 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
                     if compile_on and m % forward_batch:  # static shapes: pad the last forward
                         pad = forward_batch - m % forward_batch
                         x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-                    on_gpu = device.type == "cuda"
-                    host = {s: torch.empty((m, backbone.embed_dim), dtype=torch_store if on_gpu else torch.float32,
-                                           pin_memory=on_gpu) for s in cfg.feature_sets}
+                    host = {s: torch.empty((m, backbone.embed_dim), dtype=host_dtype, pin_memory=on_gpu)
+                            for s in cfg.feature_sets}
                     with torch.inference_mode():
                         for c in range(0, m, forward_batch):
                             feats = forward(x[c:c + forward_batch])
