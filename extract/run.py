@@ -62,6 +62,10 @@ class ExtractConfig:
     max_failures: str = "1%"  # undecodable inputs tolerated: a count ('10') or a share ('1%')
     decoder: str = "auto"  # 'auto', 'nvimgcodec' (GPU JPEG engines), 'nvjpeg' (SMs), 'pil'; enters the fingerprint
     compile: str = "auto"  # torch.compile the backbone: 'auto' (on a GPU), 'on', 'off'
+    # on a GPU, the compiled forward is replayed as one CUDA graph (torch.compile's mode
+    # 'reduce-overhead'): one launch per forward instead of one per kernel, so the model loop
+    # holds the GIL the decode threads need far less (benchmarks/NOTES.md)
+    cuda_graphs: bool = True
     progress: bool = True  # show a progress bar
 
     def validate(self) -> None:
@@ -447,9 +451,10 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         sized.set()
     forward = backbone
     compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    graphs = compile_on and cfg.cuda_graphs and device.type == "cuda"
     t_compile = time.perf_counter()
     if compile_on:
-        forward = torch.compile(backbone, dynamic=False)
+        forward = torch.compile(backbone, dynamic=False, mode="reduce-overhead" if graphs else None)
         if pending:  # compile now, before the data pipeline starts, so throughput is measured honestly
             # made outside inference mode, as the batches are: an inference tensor has other
             # dispatch keys, and the compiled model's guards sent the first batch to a second
@@ -457,7 +462,11 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
             x0 = torch.zeros(forward_batch, 3, recipe.output_size, recipe.output_size, device=device,
                              dtype=model_dtype)
             with torch.inference_mode():
-                forward(x0)
+                # with CUDA graphs: a warm-up run, the recording, then a replay, all before the loop
+                for _ in range(3 if graphs else 1):
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    forward(x0)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
     compile_seconds = time.perf_counter() - t_compile
@@ -563,10 +572,13 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
                             for s in cfg.feature_sets}
                     with torch.inference_mode():
                         for c in range(0, m, forward_batch):
+                            if graphs:  # a new replay: the last one's outputs (copied by now) may be overwritten
+                                torch.compiler.cudagraph_mark_step_begin()
                             feats = forward(x[c:c + forward_batch])
                             e = min(c + forward_batch, m)
                             for s in cfg.feature_sets:  # a pinned buffer: the copy does not block
                                 host[s][c:e].copy_(feats[s][:e - c].to(host[s].dtype), non_blocking=on_gpu)
+                            del feats
                     event = None
                     if on_gpu:
                         event = torch.cuda.Event()
@@ -617,6 +629,7 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
         "first_batch_seconds": round(t_first - t0, 3) if t_first is not None else None,
         "compile_seconds": round(compile_seconds, 3),
         "batch_size": batch_size, "forward_batch": forward_batch, "decoder": decoder, "compiled": compile_on,
+        "cuda_graphs": graphs,
         "rank": rank, "world_size": world,
         "device": str(device), "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES") if device.type == "cuda" else None,
         "fingerprint": fingerprint, "backbone": cfg.backbone,

@@ -38,6 +38,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                         feature_sets=args.feature_sets, dtype=args.dtype, batch_size=args.batch_size,
                         forward_batch=args.forward_batch, shard_size=args.shard_size, device=args.device,
                         max_failures=str(args.max_failures), decoder=args.decoder, compile=args.compile,
+                        cuda_graphs=args.cuda_graphs,
                         progress=not args.quiet, **({"workers": args.workers} if args.workers is not None else {}))
     summary = run_extract(cfg)
     if args.json:
@@ -334,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "these the machine has)")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the backbone with a static batch shape (default: auto, on a GPU)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on a GPU, launch the compiled forward's kernels one by one instead of replaying them "
+                        "as one CUDA graph (default: CUDA graphs)")
     g.add_argument("--shard-size", type=int, default=4096, help="inputs per shard, the unit of resumption (default: 4096)")
     g.add_argument("--workers", type=int, default=None, help="worker processes: PIL decoders, or file readers with a GPU decoder (default: min(8, CPUs))")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")

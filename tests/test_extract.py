@@ -197,6 +197,28 @@ def test_compiled_model_is_not_compiled_again_inside_the_run(digits_small, tmp_p
     assert graphs == [graphs[0]] * len(graphs)  # nothing compiled after the warm-up
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_give_each_forward_its_own_features(digits_small, tmp_path, tiny_hf):
+    """With CUDA graphs every forward is replayed into the same output memory, so each one's
+    features must be copied out before the next replay overwrites them: several forwards per
+    batch and a padded last one, against the same compiled model launched kernel by kernel."""
+    from torch._dynamo.utils import counters
+
+    kw = dict(device="cuda", decoder="nvjpeg", batch_size=16, forward_batch=4, shard_size=20, max_failures="20%")
+    counters.clear()
+    a = run_extract(_cfg(digits_small, tiny_hf, tmp_path / "graphs", **kw))
+    assert a["cuda_graphs"] and counters["inductor"]["cudagraph_skips"] == 0
+    b = run_extract(_cfg(digits_small, tiny_hf, tmp_path / "kernels", cuda_graphs=False, **kw))
+    assert b["compiled"] and not b["cuda_graphs"]
+    with open_cache(str(tmp_path / "graphs")) as ca, open_cache(str(tmp_path / "kernels")) as cb:
+        assert ca.paths.tolist() == cb.paths.tolist() and len(ca.paths) > 3 * 4
+        for name in ("cls", "patch_mean"):
+            fa, fb = torch.from_numpy(ca.features(name)), torch.from_numpy(cb.features(name))
+            cos = torch.nn.functional.cosine_similarity(fa, fb)
+            assert cos.min() >= 0.9999, float(cos.min())  # a row overwritten by a later forward fails here
+
+
 def test_extract_keeps_what_it_made_before_the_loop_out_of_the_collector(digits_small, tmp_path, tiny_hf,
                                                                           monkeypatch):
     """While rows are written the objects made before (input list, model) are frozen, so a
