@@ -76,16 +76,14 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     # threads preparing batches (4 by default): each spends 200-330 ms per 1,024-image batch
     # outside the decode call, about as long as the call, so four barely keep two decoders busy
     "6 decode threads": {"decode_threads": 6},
-    # each forward replayed as one CUDA graph: the main thread launches one graph instead of
-    # every kernel, under the GIL the decode threads need (it held the GIL 9.9 % of a ViT-B/16
-    # run's wall time; results/extract_gil_profile.json)
-    "cuda graphs": {"compile_mode": "reduce-overhead"},
+    # every kernel of each forward launched by the main thread, under the GIL the decode threads
+    # need, instead of one CUDA graph per forward (the default since the eighth session)
+    "no cuda graphs": {"cuda_graphs": False},
 }
 # settings of gpu_batches, not of the BatchPreprocessor: setting -> gpu_batches argument
 PIPELINE_KEYS = {"first_alone": "first_alone", "decode_threads": "decoders"}
-CONFIG_KEYS = {"batch_size", "forward_batch"}  # settings of ExtractConfig
+CONFIG_KEYS = {"batch_size", "forward_batch", "cuda_graphs"}  # settings of ExtractConfig
 PROCESS_KEYS = {"switch_interval"}  # settings of the process, for the run
-COMPILE_KEYS = {"compile_mode"}  # torch.compile's mode for the backbone
 
 
 def instrument() -> None:
@@ -95,7 +93,7 @@ def instrument() -> None:
         init(self, *a, **k)
         MADE.append(self)
         for key, value in SETTING.items():
-            if key not in PIPELINE_KEYS.keys() | CONFIG_KEYS | PROCESS_KEYS | COMPILE_KEYS:
+            if key not in PIPELINE_KEYS.keys() | CONFIG_KEYS | PROCESS_KEYS:
                 setattr(self, key, value)
 
     BatchPreprocessor.__init__ = patched_init
@@ -126,8 +124,6 @@ def instrument() -> None:
     compile_ = torch.compile
 
     def timed_compile(model, **k):  # the model's own time on the GPU, and the gaps between batches
-        if "compile_mode" in SETTING:
-            k["mode"] = SETTING["compile_mode"]
         fn = compile_(model, **k)
 
         def forward(x):
