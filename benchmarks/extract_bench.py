@@ -278,8 +278,9 @@ def decoder_agreement(root: str, csv: str, n: int = 64) -> dict:
     ref = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).int() for f in files]
     out = {}
     for dec in ("nvimgcodec", "nvjpeg"):
-        imgs, cpu = BatchPreprocessor(Preprocessing(), torch.device("cuda"), decoder=dec).decode(datas)
-        diffs = [(im.cpu().int() - r).abs().float() for im, r in zip(imgs, ref, strict=True) if im is not None]
+        bp = BatchPreprocessor(Preprocessing(), torch.device("cuda"), decoder=dec)
+        imgs, cpu = bp.decode(datas)
+        diffs = [(bp.chw(im).cpu().int() - r).abs().float() for im, r in zip(imgs, ref, strict=True) if im is not None]
         out[dec] = {"decoded": len(diffs), "max_abs": max(float(d.max()) for d in diffs),
                     "mean_abs": float(np.mean([float(d.mean()) for d in diffs]))}
     return out

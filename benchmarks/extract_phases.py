@@ -79,6 +79,9 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     # every kernel of each forward launched by the main thread, under the GIL the decode threads
     # need, instead of one CUDA graph per forward (the default since the eighth session)
     "no cuda graphs": {"cuda_graphs": False},
+    # decoded images as (3, H, W) views, permuted and sliced one by one (before the eighth
+    # session's change to (H, W, 3) images stacked whole)
+    "chw views": {"hwc_views": False},
 }
 # settings of gpu_batches, not of the BatchPreprocessor: setting -> gpu_batches argument
 PIPELINE_KEYS = {"first_alone": "first_alone", "decode_threads": "decoders"}

@@ -241,6 +241,10 @@ class BatchPreprocessor:
         # let CUDA's memory pool keep the decoded images' memory between batches instead of
         # returning it to the driver at every synchronisation (extract.mempool)
         self.keep_pool = True
+        # nvImageCodec's images handed on as they are, (H, W, 3), and stacked whole by the resize
+        # before its crop: no per-image permute and slice, Python the decode threads run under
+        # the GIL (benchmarks/NOTES.md). False: (3, H, W) views, sliced one by one.
+        self.hwc_views = True
         self._local = threading.local()
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
@@ -252,9 +256,19 @@ class BatchPreprocessor:
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255.0
 
+    @property
+    def layout(self) -> str:
+        """How :meth:`decode` returns images: ``'hwc'`` (``(H, W, 3)``, nvImageCodec's own
+        layout) or ``'chw'`` (``(3, H, W)``)."""
+        return "hwc" if self.decoder == "nvimgcodec" and self.hwc_views else "chw"
+
+    def chw(self, im: torch.Tensor) -> torch.Tensor:
+        """A decoded image as a ``(3, H, W)`` view, whatever :attr:`layout`."""
+        return im.permute(2, 0, 1) if self.layout == "hwc" else im
+
     def decode(self, datas: Sequence[bytes | bytearray], *, cpu: Sequence[bool] | None = None,
                priority: float = math.inf) -> tuple[list[torch.Tensor | None], list[int]]:
-        """Decoded ``(3, H, W)`` uint8 tensors (None where not decoded) and the positions
+        """Decoded uint8 images in :attr:`layout` (None where not decoded) and the positions
         that need the CPU path (``cpu``: precomputed :func:`needs_cpu` flags). ``priority``:
         where this call queues for a free decoder (lower first; the pipeline's batch index)."""
         self._local.priority = priority
@@ -312,7 +326,8 @@ class BatchPreprocessor:
             return
         # a large first image gets fewer copies: this memory is taken while the batch size
         # is chosen from the free memory
-        copies = max(1, min(copies, self.WARM_UP_PIXELS // (one.shape[-2] * one.shape[-1])))
+        h, w = self.chw(one).shape[-2:]
+        copies = max(1, min(copies, self.WARM_UP_PIXELS // (h * w)))
         imgs: list[torch.Tensor | None] = [one]
         # nothing else decodes yet, so the pool hands out each of its decoders in turn
         for _ in range(max(1, self.decoders) if self.decoder == "nvimgcodec" else 1):
@@ -356,8 +371,8 @@ class BatchPreprocessor:
             self._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
 
     def _decode_nvimgcodec(self, datas: Sequence[bytes | bytearray]) -> list[torch.Tensor | None]:
-        """Batched nvImageCodec calls (``decode_chunk`` images each); ``(3, H, W)`` uint8
-        views (None: not decoded), ready in the current stream's order."""
+        """Batched nvImageCodec calls (``decode_chunk`` images each); uint8 images in
+        :attr:`layout` (None: not decoded), ready in the current stream's order."""
         n = nvimgcodec()
         cuda = self.device.type == "cuda"
         streams, pos = [], []
@@ -388,12 +403,14 @@ class BatchPreprocessor:
         if side is not None:
             current.wait_stream(side)
         for k, im in zip(pos, imgs, strict=True):
-            if im is None or im.num_channels != 3:
+            if im is None:
                 continue
             # zero-copy: __cuda_array_interface__ on the GPU, the array interface on the host;
             # the tensor keeps the image (and its buffer) alive
             t = torch.as_tensor(im, device=self.device) if cuda else torch.from_numpy(np.asarray(im))
-            out[k] = t.permute(2, 0, 1)
+            if t.dim() != 3 or t.shape[2] != 3:  # read from the view: no call into nvImageCodec
+                continue
+            out[k] = t if self.hwc_views else t.permute(2, 0, 1)
         return out
 
     def _decode_chunk(self, streams: list, cuda_stream: int) -> list:
@@ -466,31 +483,40 @@ class BatchPreprocessor:
                 self._fp32_out = False
         return torch.matmul(a, b).float()
 
-    def transform(self, imgs: Sequence[torch.Tensor], *, chunk: int = 64) -> torch.Tensor:
-        """Resize, crop and normalise decoded ``(3, H, W)`` uint8 images (any strides).
+    STACK_BYTES = 256 << 20  # at most this much of whole images stacked at once (layout 'hwc')
+
+    def transform(self, imgs: Sequence[torch.Tensor], *, chunk: int = 64, layout: str | None = None) -> torch.Tensor:
+        """Resize, crop and normalise decoded uint8 images (any strides): ``(3, H, W)``, or
+        ``(H, W, 3)`` with ``layout='hwc'`` (default: :attr:`layout`).
 
         PIL's two resize passes as two GEMMs per group of same-size images
         (:mod:`extract.resample`), over only the input pixels that reach the crop and
         computing only the pixels the crop keeps, rounded to 8 bits after each pass as PIL
         does; float16 operands on a GPU (0..255 integers are exact in it), float32 on a
-        CPU. Groups are processed ``chunk`` images at a time."""
+        CPU. Groups are processed ``chunk`` images at a time; ``(H, W, 3)`` images are
+        stacked whole (at most ``STACK_BYTES`` at once) and cropped as one batch."""
         r = self.recipe
         s = r.output_size
+        hwc = (layout or self.layout) == "hwc"
         out = torch.empty((len(imgs), 3, s, s), device=self.device, dtype=torch.float32)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(imgs):
-            groups.setdefault(tuple(im.shape[-2:]), []).append(i)
+            groups.setdefault(tuple(im.shape[:2] if hwc else im.shape[-2:]), []).append(i)
         for (h, w), idx in groups.items():
             nh, nw = resized_size(h, w, r)
             mh, r0, r1 = self._axis(h, nh)  # (ch, R)
             mw, c0, c1 = self._axis(w, nw)  # (cw, C)
             order = ("w", "h") if horizontal_first(h, w, nh, nw) else ("h", "w")
-            for k0 in range(0, len(idx), chunk):
-                part = idx[k0:k0 + chunk]
+            step_n = max(1, min(chunk, self.STACK_BYTES // (h * w * 3))) if hwc else chunk
+            for k0 in range(0, len(idx), step_n):
+                part = idx[k0:k0 + step_n]
                 b = len(part)
                 # (b, R, 3, C): rows of pixels, channel-major inside a row, as the GEMMs want
-                x = torch.stack([imgs[i][:, r0:r1, c0:c1] for i in part]).permute(0, 2, 1, 3).to(
-                    self.compute_dtype, memory_format=torch.contiguous_format)
+                if hwc:
+                    x = torch.stack([imgs[i] for i in part])[:, r0:r1, c0:c1].permute(0, 1, 3, 2)
+                else:
+                    x = torch.stack([imgs[i][:, r0:r1, c0:c1] for i in part]).permute(0, 2, 1, 3)
+                x = x.to(self.compute_dtype, memory_format=torch.contiguous_format)
                 for step, axis in enumerate(order):
                     rows, cols = x.shape[1], x.shape[3]
                     if axis == "w" and mw is not None:  # horizontal: (b*rows*3, C) @ (C, cw)

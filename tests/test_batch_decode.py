@@ -51,8 +51,9 @@ def test_nvimgcodec_decodes_what_pil_decodes(digits_small):
 
     ref = [f for f, flag in zip(files, flags, strict=True) if not flag]
     assert imgs and all(im is not None for im in imgs)
+    assert bp.layout == "hwc"  # nvImageCodec's own layout, no per-image permute
     for im, f in zip(imgs, ref, strict=True):
-        pil = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+        pil = torch.from_numpy(np.array(Image.open(f).convert("RGB")))
         assert im.shape == pil.shape and im.dtype == torch.uint8
         assert (im.int() - pil.int()).abs().max() <= 2  # both libjpeg-turbo; PIL may pick another IDCT
     # garbage and truncated data come back as None, never an exception
@@ -338,6 +339,22 @@ def test_gemm_resize_reproduces_pil(preset):
         assert d.max() <= 1 and (d > 0).mean() < 0.03, (a.shape, d.max(), (d > 0).mean())
 
 
+def test_resize_of_whole_hwc_images_equals_the_resize_of_chw_views():
+    """(H, W, 3) images (nvImageCodec's layout) are stacked whole and cropped as one batch,
+    in pieces of at most STACK_BYTES: the same output, bit for bit, as per-image (3, H, W)
+    slices, for groups of several sizes."""
+    rng = np.random.default_rng(1)
+    shapes = [(720, 1280)] * 5 + [(300, 200)] * 3 + [(517, 389), (720, 1280)]
+    hwc = [torch.from_numpy((rng.random((h, w, 3)) * 255).astype(np.uint8)) for h, w in shapes]
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    assert bp.layout == "hwc" and bp.chw(hwc[0]).shape == (3, 720, 1280)
+    ref = bp.transform([im.permute(2, 0, 1) for im in hwc], layout="chw")
+    bp.STACK_BYTES = 2 * 720 * 1280 * 3  # two of the large images at a time
+    assert torch.equal(bp.transform(hwc), ref)
+    bp.hwc_views = False
+    assert bp.layout == "chw" and torch.equal(bp.transform([im.permute(2, 0, 1) for im in hwc]), ref)
+
+
 def test_resume_of_a_gpu_decoded_cache_on_a_cpu_is_refused(digits_small, tiny_hf, tmp_path):
     import json
 
@@ -378,6 +395,7 @@ def test_nvimgcodec_on_gpu_decodes_progressive_and_baseline_jpegs(digits_small):
     assert all(imgs[i] is not None for i in range(0, len(datas), 2))  # the baseline JPEGs
     for im, ref in zip(imgs, pils, strict=True):
         if im is not None:
+            im = bp.chw(im)
             diff = (im.cpu().int() - ref.int()).abs().float()
             assert im.shape == ref.shape and diff.mean() < 1.5, float(diff.mean())
 
@@ -557,7 +575,7 @@ def test_warm_up_with_a_sample_tries_every_decoder_and_the_resize(digits_small):
     assert not users and not bp._mats
     bp.warm_up(sample, copies=3)
     assert len(users) == 2 and all(3 in calls for calls in users.values())  # each decoder, 3 copies
-    h, w = bp.decode([sample])[0][0].shape[-2:]
+    h, w = bp.chw(bp.decode([sample])[0][0]).shape[-2:]
     assert {h, w} <= {k[0] for k in bp._mats}  # the resize for the sample's size is ready
     # a large sample gets fewer copies (here: room for 2 of its size)
     users.clear()
