@@ -63,8 +63,8 @@ class ExtractConfig:
     decoder: str = "auto"  # 'auto', 'nvimgcodec' (GPU JPEG engines), 'nvjpeg' (SMs), 'pil'; enters the fingerprint
     compile: str = "auto"  # torch.compile the backbone: 'auto' (on a GPU), 'on', 'off'
     # on a GPU, the compiled forward is replayed as one CUDA graph (torch.compile's mode
-    # 'reduce-overhead'): one launch per forward instead of one per kernel, so the model loop
-    # holds the GIL the decode threads need far less (benchmarks/NOTES.md)
+    # 'reduce-overhead'): one launch per forward instead of one per kernel, so a forward no
+    # longer stalls between kernels while a decode thread holds the GIL (benchmarks/NOTES.md)
     cuda_graphs: bool = True
     progress: bool = True  # show a progress bar
 
