@@ -104,7 +104,7 @@ def stage_costs(bp, chunks, dev, reps: int = 8) -> dict:
         t, c = tick("as_tensor", t, c)
         _ = [torch.from_dlpack(im) for im in imgs]
         t, c = tick("from_dlpack", t, c)
-        bp.transform(ts)
+        bp.transform(ts, layout="chw")
         stream.synchronize()
         t, c = tick("transform", t, c)
         if r < 2:

@@ -50,7 +50,7 @@ def decode_worker(kind, seconds, ready_fd=None):
         cs = [n.CodeStream(np.frombuffer(d, dtype=np.uint8)) for d in chunks[k % len(chunks)]]
         imgs = dec.decode(cs, params=params, cuda_stream=s.cuda_stream)
         ts = [torch.as_tensor(im, device=dev).permute(2, 0, 1) for im in imgs if im is not None]
-        bp.transform(ts)
+        bp.transform(ts, layout="chw")
         s.synchronize()
         return len(ts)
 

@@ -66,7 +66,7 @@ def w_decode(k, s):
 
 
 def w_transform(k, s):
-    bp.transform(pre)
+    bp.transform(pre, layout="chw")
     s.synchronize()
 
 
