@@ -454,7 +454,13 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
     graphs = compile_on and cfg.cuda_graphs and device.type == "cuda"
     t_compile = time.perf_counter()
     if compile_on:
-        forward = torch.compile(backbone, dynamic=False, mode="reduce-overhead" if graphs else None)
+        compiled = torch.compile(backbone, dynamic=False, mode="reduce-overhead" if graphs else None)
+
+        def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            if graphs:  # a new replay: the last one's outputs (copied out by now) may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            return compiled(x)
+
         if pending:  # compile now, before the data pipeline starts, so throughput is measured honestly
             # made outside inference mode, as the batches are: an inference tensor has other
             # dispatch keys, and the compiled model's guards sent the first batch to a second
@@ -464,8 +470,6 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
             with torch.inference_mode():
                 # with CUDA graphs: a warm-up run, the recording, then a replay, all before the loop
                 for _ in range(3 if graphs else 1):
-                    if graphs:
-                        torch.compiler.cudagraph_mark_step_begin()
                     forward(x0)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -572,8 +576,6 @@ def _run_extract(cfg: ExtractConfig, readers, helpers: list[threading.Thread]) -
                             for s in cfg.feature_sets}
                     with torch.inference_mode():
                         for c in range(0, m, forward_batch):
-                            if graphs:  # a new replay: the last one's outputs (copied by now) may be overwritten
-                                torch.compiler.cudagraph_mark_step_begin()
                             feats = forward(x[c:c + forward_batch])
                             e = min(c + forward_batch, m)
                             for s in cfg.feature_sets:  # a pinned buffer: the copy does not block
