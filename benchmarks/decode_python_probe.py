@@ -3,7 +3,8 @@
 For 1,024 JPEGs of 1280x720 in memory, times (median of rounds) each per-image step that
 `BatchPreprocessor` runs around nvImageCodec's batch call -- CodeStream creation, the call
 itself (new images, or the previous batch's images reused), and turning each decoded image
-into a torch tensor (``__cuda_array_interface__`` or DLPack) -- alone and with three other
+into a torch tensor (``__cuda_array_interface__`` or DLPack), or decoding into one torch buffer
+for the batch (wrapped as nvImageCodec images, and the call into them) -- alone and with three other
 threads running Python, as the pipeline's other threads do. A step whose time grows with
 the other threads waits for the GIL (nvImageCodec's accessors release and retake it).
 
@@ -59,6 +60,14 @@ def main() -> None:
     imgs = dec.decode(cs, params=params, cuda_stream=handle)
     torch.cuda.synchronize()
 
+    # decoding into one torch buffer for the batch (all images here are 1280x720)
+    h, w = imgs[0].shape[:2]
+    buf = torch.empty((len(datas), h, w, 3), dtype=torch.uint8, device=dev)
+    wrapped = n.as_images(list(buf.unbind(0)), cuda_stream=handle)
+    dec.decode(cs, images=wrapped, params=params, cuda_stream=handle)
+    torch.cuda.synchronize()
+    same = all(torch.equal(buf[k], torch.as_tensor(im, device=dev)) for k, im in enumerate(imgs))
+    print(f"decoded into the batch buffer: equal to nvImageCodec's own images: {same}", flush=True)
     cs_bytes = [n.CodeStream(bytes(d)) for d in datas]
     raw = [bytes(d) for d in datas]
     steps = {
@@ -70,11 +79,13 @@ def main() -> None:
         "decode_call_reusing_images": lambda: dec.decode(cs, images=imgs, params=params, cuda_stream=handle),
         "as_tensor_cuda_array_interface": lambda: [torch.as_tensor(im, device=dev) for im in imgs],
         "from_dlpack": lambda: [torch.from_dlpack(im) for im in imgs],
+        "as_images_of_torch_views": lambda: n.as_images(list(buf.unbind(0)), cuda_stream=handle),
+        "decode_call_into_batch_buffer": lambda: dec.decode(cs, images=wrapped, params=params, cuda_stream=handle),
         "one_accessor_per_image (shape)": lambda: [im.shape for im in imgs],
     }
     if args.only:
         steps = {k: v for k, v in steps.items() if k in args.only}
-    res: dict = {"machine": machine(), "n": args.n, "busy_threads": args.busy, "ms": {}}
+    res: dict = {"machine": machine(), "n": args.n, "busy_threads": args.busy, "batch_buffer_equal": same, "ms": {}}
     stop = threading.Event()
 
     def spin() -> None:

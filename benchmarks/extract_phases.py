@@ -82,6 +82,9 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     # decoded images as (3, H, W) views, permuted and sliced one by one (before the eighth
     # session's change to (H, W, 3) images stacked whole)
     "chw views": {"hwc_views": False},
+    # nvImageCodec allocating each decoded image itself, each then wrapped as a tensor (before
+    # the ninth session's decode into one buffer per image size and batch)
+    "no batch buffers": {"batch_buffers": False},
 }
 # settings of gpu_batches, not of the BatchPreprocessor: setting -> gpu_batches argument
 PIPELINE_KEYS = {"first_alone": "first_alone", "decode_threads": "decoders"}

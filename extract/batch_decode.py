@@ -39,7 +39,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from cache.errors import Stage1Error
-from extract.jpeg_header import needs_cpu
+from extract.jpeg_header import jpeg_info, needs_cpu
 from extract.mempool import keep_pool_memory
 from extract.preprocess import Preprocessing
 from extract.resample import crop_box, horizontal_first, pil_weights, round_like_pil
@@ -245,6 +245,11 @@ class BatchPreprocessor:
         # before its crop: no per-image permute and slice, Python the decode threads run under
         # the GIL (benchmarks/NOTES.md). False: (3, H, W) views, sliced one by one.
         self.hwc_views = True
+        # nvImageCodec decodes the images whose size the header states into one buffer per size
+        # and batch, allocated here and wrapped once per call, instead of allocating every image
+        # itself and being wrapped back image by image (each of those steps gives up and retakes
+        # the GIL in nvImageCodec, waiting for it while other threads run Python; NOTES.md)
+        self.batch_buffers = True
         self._local = threading.local()
         self.compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
         self._mats: dict[tuple[int, int], tuple[torch.Tensor | None, int, int]] = {}
@@ -267,18 +272,24 @@ class BatchPreprocessor:
         return im.permute(2, 0, 1) if self.layout == "hwc" else im
 
     def decode(self, datas: Sequence[bytes | bytearray], *, cpu: Sequence[bool] | None = None,
+               sizes: Sequence[tuple[int, int] | None] | None = None,
                priority: float = math.inf) -> tuple[list[torch.Tensor | None], list[int]]:
         """Decoded uint8 images in :attr:`layout` (None where not decoded) and the positions
-        that need the CPU path (``cpu``: precomputed :func:`needs_cpu` flags). ``priority``:
-        where this call queues for a free decoder (lower first; the pipeline's batch index)."""
+        that need the CPU path. ``cpu`` and ``sizes``: the :func:`jpeg_info` of each input,
+        where the caller has it (read from the headers here otherwise). ``priority``: where
+        this call queues for a free decoder (lower first; the pipeline's batch index)."""
         self._local.priority = priority
         out: list[torch.Tensor | None] = [None] * len(datas)
-        flags = cpu if cpu is not None else [needs_cpu(d) for d in datas]
+        if cpu is None or (sizes is None and self._buffered()):
+            info = [jpeg_info(d) for d in datas]
+            cpu, sizes = [c for c, _ in info], [hw for _, hw in info]
+        flags = cpu
         cpu_pos = [i for i, f in enumerate(flags) if f]
         todo = [i for i, f in enumerate(flags) if not f]
         cpu = cpu_pos
         if todo and self.decoder == "nvimgcodec":
-            for i, im in zip(todo, self._decode_nvimgcodec([datas[i] for i in todo]), strict=True):
+            hws = [sizes[i] for i in todo] if sizes is not None else None
+            for i, im in zip(todo, self._decode_nvimgcodec([datas[i] for i in todo], hws), strict=True):
                 if im is None:
                     cpu.append(i)
                 else:
@@ -370,9 +381,15 @@ class BatchPreprocessor:
             # EXIF-rotated files never get here (needs_cpu): decode the stored orientation
             self._nv_params = n.DecodeParams(apply_exif_orientation=False, color_spec=n.ColorSpec.SRGB)
 
-    def _decode_nvimgcodec(self, datas: Sequence[bytes | bytearray]) -> list[torch.Tensor | None]:
+    def _buffered(self) -> bool:
+        return self.decoder == "nvimgcodec" and self.batch_buffers
+
+    def _decode_nvimgcodec(self, datas: Sequence[bytes | bytearray],
+                           sizes: Sequence[tuple[int, int] | None] | None = None) -> list[torch.Tensor | None]:
         """Batched nvImageCodec calls (``decode_chunk`` images each); uint8 images in
-        :attr:`layout` (None: not decoded), ready in the current stream's order."""
+        :attr:`layout` (None: not decoded), ready in the current stream's order. ``sizes``:
+        each input's ``(height, width)`` from its header (None: unknown), for
+        :attr:`batch_buffers`."""
         n = nvimgcodec()
         cuda = self.device.type == "cuda"
         streams, pos = [], []
@@ -397,12 +414,40 @@ class BatchPreprocessor:
                     self.device, priority=-100 if self.decode_priority else 0)
         stream = (side or current).cuda_stream if cuda else 0
         step = self.decode_chunk or len(streams)
+        groups: dict[tuple[int, int], list[int]] = {}  # size -> indices into streams
+        own = list(range(len(streams)))  # decoded into images nvImageCodec allocates
+        if sizes is not None and self._buffered():
+            for j, k in enumerate(pos):
+                if sizes[k] is not None:
+                    groups.setdefault(tuple(sizes[k]), []).append(j)
+            own = [j for j in range(len(streams)) if sizes[pos[j]] is None]
+        if groups:
+            order, views, wrapped = [], [], []  # every group in one decode call
+            for (h, w), idx in groups.items():
+                # allocated in the decode stream's order: memory freed there earlier is not still
+                # read by work queued elsewhere (the resize holds these views until it is done)
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    buf = torch.empty((len(idx), h, w, 3), dtype=torch.uint8, device=self.device)
+                vs = buf.unbind(0)
+                order += idx
+                views += vs
+                wrapped += n.as_images(list(vs) if cuda else [v.numpy() for v in vs], cuda_stream=stream)
+            try:
+                got: list = []
+                for a in range(0, len(order), step):
+                    got += self._decode_chunk([streams[j] for j in order[a:a + step]], stream,
+                                              images=wrapped[a:a + step])
+            except ValueError:  # a header that misstated a size: nvImageCodec allocates them all
+                own, got = sorted(own + order), []
+            for j, v, im in zip(order, views, got, strict=False):
+                if im is not None:
+                    out[pos[j]] = v if self.hwc_views else v.permute(2, 0, 1)
         imgs: list = []
-        for a in range(0, len(streams), step):
-            imgs += self._decode_chunk(streams[a:a + step], stream)
+        for a in range(0, len(own), step):
+            imgs += self._decode_chunk([streams[j] for j in own[a:a + step]], stream)
         if side is not None:
             current.wait_stream(side)
-        for k, im in zip(pos, imgs, strict=True):
+        for j, im in zip(own, imgs, strict=True):
             if im is None:
                 continue
             # zero-copy: __cuda_array_interface__ on the GPU, the array interface on the host;
@@ -410,15 +455,17 @@ class BatchPreprocessor:
             t = torch.as_tensor(im, device=self.device) if cuda else torch.from_numpy(np.asarray(im))
             if t.dim() != 3 or t.shape[2] != 3:  # read from the view: no call into nvImageCodec
                 continue
-            out[k] = t if self.hwc_views else t.permute(2, 0, 1)
+            out[pos[j]] = t if self.hwc_views else t.permute(2, 0, 1)
         return out
 
-    def _decode_chunk(self, streams: list, cuda_stream: int) -> list:
+    def _decode_chunk(self, streams: list, cuda_stream: int, images: list | None = None) -> list:
+        """One decode call; ``images``: nvImageCodec images to decode into (one per stream)."""
         with self._nv_lock:
             self._make_decoder()
         dec = self._take_decoder()
+        extra = {} if images is None else {"images": images}
         try:
-            imgs = list(dec.decode(streams, params=self._nv_params, cuda_stream=cuda_stream))
+            imgs = list(dec.decode(streams, params=self._nv_params, cuda_stream=cuda_stream, **extra))
         finally:
             self._nv_free.put(dec)
         left = [k for k, im in enumerate(imgs) if im is None]
@@ -434,8 +481,9 @@ class BatchPreprocessor:
                 except RuntimeError:
                     self._nv_fallback = False
             if self._nv_fallback is not False:
+                extra = {} if images is None else {"images": [images[k] for k in left]}
                 again = self._nv_fallback.decode([streams[k] for k in left], params=self._nv_params,
-                                                 cuda_stream=cuda_stream)
+                                                 cuda_stream=cuda_stream, **extra)
                 for k, im in zip(left, again, strict=True):
                     imgs[k] = im
         return imgs

@@ -93,7 +93,8 @@ def gpu_batches(items: Sequence[Item], batches: Sequence[list[int]], recipe: Pre
             local.stream = torch.cuda.Stream(device)
         stream = getattr(local, "stream", None)
         with torch.cuda.stream(stream) if stream is not None else _null():
-            imgs, cpu_pos = bp.decode([r.data for _, r in ok], cpu=[r.cpu for _, r in ok], priority=bi)
+            imgs, cpu_pos = bp.decode([r.data for _, r in ok], cpu=[r.cpu for _, r in ok],
+                                      sizes=[r.size for _, r in ok], priority=bi)
             if bi == 0:  # its resize overlaps the next batches' decode
                 first_done.set()
             cpu_jobs = {p: pool.submit(_cpu_decode, bytes(ok[p][1].data), recipe, tf) for p in cpu_pos}

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cache.errors import Stage1Error
-from extract.jpeg_header import needs_cpu
+from extract.jpeg_header import jpeg_info
 
 SHM_DIR = "/dev/shm"
 
@@ -37,6 +37,7 @@ class FileRead:
     sha256: str
     reason: str | None  # why it failed, or None
     cpu: bool  # needs the per-image CPU decoder
+    size: tuple[int, int] | None = None  # (height, width) its JPEG header states, where it has one
 
 
 def read_one(file: str) -> FileRead:
@@ -52,7 +53,7 @@ def read_one(file: str) -> FileRead:
         return FileRead(None, "", f"cannot read: {e.strerror}", False)
     if not data:
         return FileRead(None, "", "empty file", False)
-    return FileRead(data, hashlib.sha256(data).hexdigest(), None, needs_cpu(data))
+    return FileRead(data, hashlib.sha256(data).hexdigest(), None, *jpeg_info(data))
 
 
 SHM_RESERVE = 256 << 20  # leave this much of /dev/shm free (others use it too)
@@ -65,7 +66,7 @@ def _shm_free() -> int:
 
 def _read_chunk_to_shm(task: tuple[int, str, Sequence[str]]) -> tuple[int, str | bytearray | None, list]:
     """Worker: read the files of one chunk into one new shared-memory file.
-    Returns ``(task id, shm path, [(offset, size, sha256, reason, cpu), ...])``; the path
+    Returns ``(task id, shm path, [(offset, size, sha256, reason, cpu, (h, w) or None), ...])``; the path
     is None when nothing was read, and the bytes themselves (sent through the pipe) when
     ``/dev/shm`` is too full to hold them: a small ``/dev/shm`` (containers often get
     64 MB) must slow extraction down, not kill it with SIGBUS."""
@@ -94,10 +95,10 @@ def _read_chunk_to_shm(task: tuple[int, str, Sequence[str]]) -> tuple[int, str |
     try:
         for f, size in zip(files, sizes, strict=True):
             if size == -1:
-                meta.append((0, 0, "", "file not found", False))
+                meta.append((0, 0, "", "file not found", False, None))
                 continue
             if size <= 0:
-                meta.append((0, 0, "", "empty file" if size == 0 else "cannot read", False))
+                meta.append((0, 0, "", "empty file" if size == 0 else "cannot read", False, None))
                 continue
             view = memoryview(mm)[off:off + size]
             try:
@@ -110,11 +111,11 @@ def _read_chunk_to_shm(task: tuple[int, str, Sequence[str]]) -> tuple[int, str |
                         got += k
             except OSError as e:
                 view.release()
-                meta.append((0, 0, "", f"cannot read: {e.strerror}", False))
+                meta.append((0, 0, "", f"cannot read: {e.strerror}", False, None))
                 continue
             part = view[:got]
-            meta.append((off, got, hashlib.sha256(part).hexdigest(), None if got else "empty file",
-                         bool(got) and needs_cpu(part)))
+            cpu, hw = jpeg_info(part) if got else (False, None)
+            meta.append((off, got, hashlib.sha256(part).hexdigest(), None if got else "empty file", cpu, hw))
             part.release()
             view.release()
             off += size
@@ -262,8 +263,8 @@ class ReaderPool:
                     finally:
                         os.close(fd)
                         os.unlink(path)  # the mapping lives on until its last view is dropped
-                slots[k] = [FileRead(mv[o:o + n] if reason is None else None, sha, reason, cpu)
-                            for o, n, sha, reason, cpu in meta]
+                slots[k] = [FileRead(mv[o:o + n] if reason is None else None, sha, reason, cpu, hw)
+                            for o, n, sha, reason, cpu, hw in meta]
             except BaseException as e:
                 if not fut.done():
                     fut.set_exception(e)

@@ -94,6 +94,89 @@ def test_needs_cpu():
     assert needs_cpu(b"\x89PNG....") and needs_cpu(b"not an image")
 
 
+def test_jpeg_info_reads_the_frame_size():
+    import io
+
+    from PIL import Image
+
+    from extract.jpeg_header import jpeg_info
+
+    for h, w, mode, progressive in [(48, 64, "RGB", False), (720, 1280, "RGB", True), (1, 1, "L", False),
+                                    (65500, 3, "L", False)]:
+        buf = io.BytesIO()
+        Image.new(mode, (w, h), 128).save(buf, format="JPEG", progressive=progressive)
+        assert jpeg_info(buf.getvalue()) == (False, (h, w))
+    assert jpeg_info(b"\x89PNG....") == (True, None)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 7] = b"\x00\x00"  # height 0: to be set by a DNL marker
+    assert jpeg_info(data) == (False, None)
+
+
+def _mixed_jpegs(digits) -> list[bytearray]:
+    """The demo's batchable JPEGs and a few more of other sizes, grey and progressive ones too."""
+    import io
+
+    from PIL import Image
+
+    datas = _batchable(digits)
+    rng = np.random.default_rng(0)
+    for h, w, mode, progressive in [(37, 53, "RGB", False), (37, 53, "L", False), (64, 48, "RGB", True),
+                                    (37, 53, "RGB", True)]:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode).save(
+            buf, format="JPEG", progressive=progressive)
+        datas.insert(int(rng.integers(0, len(datas))), bytearray(buf.getvalue()))
+    return datas
+
+
+def _decode_both_ways(datas, dev, **kw):
+    from extract.jpeg_header import jpeg_info
+
+    sizes = [jpeg_info(d)[1] for d in datas]
+    got = {}
+    for buffered in (False, True):
+        bp = BatchPreprocessor(Preprocessing(), dev, decoder="nvimgcodec", **kw)
+        bp.batch_buffers = buffered
+        imgs, cpu = bp.decode(datas, sizes=sizes if buffered else None)
+        got[buffered] = (imgs, cpu, bp.transform([im for im in imgs if im is not None]))
+    return got
+
+
+def test_batch_buffers_decode_what_nvimgcodec_allocates(digits_small):
+    """Decoding into one buffer per image size gives exactly the images (and the resized
+    batch) that nvImageCodec's own images give: mixed sizes, grey and progressive JPEGs."""
+    datas = _mixed_jpegs(digits_small)
+    got = _decode_both_ways(datas, torch.device("cpu"), decode_chunk=7)
+    (own, cpu_own, x_own), (buf, cpu_buf, x_buf) = got[False], got[True]
+    assert cpu_own == cpu_buf == []
+    for a, b in zip(own, buf, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(x_own, x_buf)
+    # images of one size share one buffer; nvImageCodec's own images do not
+    by_size: dict = {}
+    for im in buf:
+        by_size.setdefault(tuple(im.shape), set()).add(im.untyped_storage().data_ptr())
+    assert len(by_size) >= 3 and all(len(v) == 1 for v in by_size.values())
+    assert len({im.untyped_storage().data_ptr() for im in own}) == len(own)
+
+
+def test_batch_buffers_fall_back_where_a_size_is_unknown_or_wrong(digits_small):
+    """Images without a size go to nvImageCodec's own images; a size that misstates the image
+    (nvImageCodec refuses a buffer too small) sends the call to them too: same images."""
+    datas = _mixed_jpegs(digits_small)[:12]
+    ref = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    ref.batch_buffers = False
+    want = ref.decode(datas)[0]
+    from extract.jpeg_header import jpeg_info
+
+    sizes = [jpeg_info(d)[1] for d in datas]
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    for bad in ([None] + sizes[1:], [(h - 1, w) for h, w in sizes]):
+        imgs, cpu = bp.decode(datas, cpu=[False] * len(datas), sizes=bad)
+        assert cpu == [] and all(torch.equal(a, b) for a, b in zip(imgs, want, strict=True))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("decoder", ["nvjpeg", "nvimgcodec"])
@@ -398,6 +481,21 @@ def test_nvimgcodec_on_gpu_decodes_progressive_and_baseline_jpegs(digits_small):
             im = bp.chw(im)
             diff = (im.cpu().int() - ref.int()).abs().float()
             assert im.shape == ref.shape and diff.mean() < 1.5, float(diff.mean())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_buffers_on_gpu_decode_what_nvimgcodec_allocates(digits_small):
+    """On a GPU (the JPEG engines where it has them, the CUDA decoder for progressive files):
+    the images decoded into one buffer per size equal nvImageCodec's own, bit for bit."""
+    bd.nvimgcodec() or pytest.skip("nvImageCodec not installed")
+    datas = _mixed_jpegs(digits_small)
+    got = _decode_both_ways(datas, torch.device("cuda"), decode_chunk=7)
+    (own, cpu_own, x_own), (buf, cpu_buf, x_buf) = got[False], got[True]
+    assert cpu_own == cpu_buf
+    for a, b in zip(own, buf, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(x_own, x_buf)
 
 
 @pytest.mark.gpu

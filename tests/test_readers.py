@@ -50,7 +50,7 @@ def test_reader_pool_matches_plain_reads(files, processes):
         if ref.reason is None:
             assert bytes(r.data) == open(f, "rb").read()
             assert r.sha256 == hashlib.sha256(open(f, "rb").read()).hexdigest() == ref.sha256
-            assert r.cpu and ref.cpu  # random bytes are no JPEG
+            assert r.cpu and ref.cpu and r.size is None  # random bytes are no JPEG
     reasons = {os.path.basename(f): r.reason for f, r in zip(files, got, strict=True) if r.reason}
     assert reasons == {"empty.jpg": "empty file", "missing.jpg": "file not found",
                        "a_dir.jpg": reasons.get("a_dir.jpg")} and reasons["a_dir.jpg"].startswith("cannot read")
@@ -108,3 +108,24 @@ def test_many_small_tasks_do_not_deadlock(files):
             assert sum(r.reason is None for r in got) == 4 * 150
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_readers_report_each_jpeg_frame_size(tmp_path, processes):
+    """The header walk that flags files for the CPU decoder also returns the frame size, which
+    the batch decoder uses to decode into one buffer per size."""
+    import io
+
+    from PIL import Image
+
+    files, want = [], []
+    for k, (h, w, mode) in enumerate([(48, 64, "RGB"), (720, 1280, "RGB"), (33, 17, "L"), (300, 200, "CMYK")]):
+        buf = io.BytesIO()
+        Image.new(mode, (w, h), 90 + k).save(buf, format="JPEG", quality=90, progressive=k == 1)
+        files.append(str(tmp_path / f"i{k}.jpg"))
+        open(files[-1], "wb").write(buf.getvalue())
+        want.append((mode == "CMYK", (h, w)))
+    pool = ReaderPool(processes, threads=2, chunk=2)
+    got = pool.result(pool.submit(files))
+    pool.close()
+    assert [(r.cpu, r.size) for r in got] == [(read_one(f).cpu, read_one(f).size) for f in files] == want
