@@ -160,6 +160,20 @@ def resized_size(h: int, w: int, recipe: Preprocessing) -> tuple[int, int]:
     return (new_short, new_long) if h <= w else (new_long, new_short)
 
 
+def _consecutive(views: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``views`` as one slice of the ``(N, H, W, 3)`` buffer they are consecutive rows of
+    (how :attr:`BatchPreprocessor.batch_buffers` returns a batch's images), else None."""
+    first = views[0]
+    base = first._base
+    if base is None or base.dim() != 4 or tuple(base.shape[1:]) != tuple(first.shape) or not base.is_contiguous():
+        return None
+    per, start = first.numel(), first.storage_offset() - base.storage_offset()
+    if start % per or any(v._base is not base or v.storage_offset() != first.storage_offset() + k * per
+                          for k, v in enumerate(views)):
+        return None
+    return base[start // per:start // per + len(views)]
+
+
 class DecoderPool:
     """Decoders not in use, handed out by priority: of the threads waiting, the one with
     the lowest ``priority`` (the earliest batch) gets the next free decoder; equal
@@ -561,7 +575,9 @@ class BatchPreprocessor:
                 b = len(part)
                 # (b, R, 3, C): rows of pixels, channel-major inside a row, as the GEMMs want
                 if hwc:
-                    x = torch.stack([imgs[i] for i in part])[:, r0:r1, c0:c1].permute(0, 1, 3, 2)
+                    run = _consecutive([imgs[i] for i in part])  # rows of one decode buffer: no copy
+                    x = run if run is not None else torch.stack([imgs[i] for i in part])
+                    x = x[:, r0:r1, c0:c1].permute(0, 1, 3, 2)
                 else:
                     x = torch.stack([imgs[i][:, r0:r1, c0:c1] for i in part]).permute(0, 2, 1, 3)
                 x = x.to(self.compute_dtype, memory_format=torch.contiguous_format)

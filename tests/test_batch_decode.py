@@ -161,6 +161,24 @@ def test_batch_buffers_decode_what_nvimgcodec_allocates(digits_small):
     assert len({im.untyped_storage().data_ptr() for im in own}) == len(own)
 
 
+def test_resize_reads_runs_of_one_decode_buffer_in_place():
+    """Consecutive images of one decode buffer are resized from the buffer itself (no stacked
+    copy); the result equals that of the same images as separate tensors, and a run broken
+    by a missing image or taken out of order falls back to stacking."""
+    from extract.batch_decode import _consecutive
+
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randint(0, 256, (9, 40, 70, 3), dtype=torch.uint8, generator=g)
+    views = list(buf.unbind(0))
+    assert _consecutive(views[2:6]).data_ptr() == buf[2].data_ptr()
+    assert _consecutive(views[2:6]).shape == (4, 40, 70, 3)
+    assert _consecutive([views[1], views[3]]) is None and _consecutive(views[3::-1]) is None
+    assert _consecutive([v.clone() for v in views[:2]]) is None
+    bp = BatchPreprocessor(Preprocessing(), torch.device("cpu"), decoder="nvimgcodec")
+    for pick in (views, views[:4] + views[5:], views[::-1]):
+        assert torch.equal(bp.transform(pick, chunk=4), bp.transform([v.clone() for v in pick], chunk=4))
+
+
 def test_batch_buffers_fall_back_where_a_size_is_unknown_or_wrong(digits_small):
     """Images without a size go to nvImageCodec's own images; a size that misstates the image
     (nvImageCodec refuses a buffer too small) sends the call to them too: same images."""
