@@ -85,6 +85,9 @@ VARIANTS = {  # name -> settings, each against the defaults of `extract`
     # nvImageCodec allocating each decoded image itself, each then wrapped as a tensor (before
     # the ninth session's decode into one buffer per image size and batch)
     "no batch buffers": {"batch_buffers": False},
+    # the resize's GEMMs over the filter's support as it is, not padded to a multiple of 8
+    # samples (before the ninth session: row strides not 16-byte aligned, an align-1 kernel)
+    "unaligned resize": {"ALIGN": 1},
 }
 # settings of gpu_batches, not of the BatchPreprocessor: setting -> gpu_batches argument
 PIPELINE_KEYS = {"first_alone": "first_alone", "decode_threads": "decoders"}

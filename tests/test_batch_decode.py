@@ -886,3 +886,25 @@ def test_decoded_images_memory_is_kept_by_the_pool_while_decoding_and_given_back
     assert kept and all(k == 2**64 - 1 for k in kept)
     assert max(held) > 0 and mp.reserved_bytes(dev) < max(held), (held, mp.reserved_bytes(dev))
     assert mp.release_threshold(dev) == 0  # as before the pipeline
+
+
+@pytest.mark.parametrize("preset", ["baseline", "hf"])
+def test_resize_support_padded_to_aligned_widths_changes_nothing(preset):
+    """Each resize axis reads a multiple of 8 input samples (zero weights past the filter's
+    support, so the GEMM operands' rows are 16-byte aligned), where the image is that wide;
+    the output is exactly that of the unpadded support."""
+    bp = BatchPreprocessor(Preprocessing.from_preset(preset), torch.device("cpu"), decoder="nvimgcodec")
+    ref = BatchPreprocessor(Preprocessing.from_preset(preset), torch.device("cpu"), decoder="nvimgcodec")
+    ref.ALIGN = 1
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(720, 1280), (37, 53), (300, 301), (230, 227), (64, 48), (3, 9)]:
+        for n_in, n_out in [(h, 256), (w, 227)]:
+            m, a, b = bp._axis(n_in, n_out)
+            m1, a1, b1 = ref._axis(n_in, n_out)
+            if m is None:  # not resized along this axis: a plain crop
+                assert m1 is None and (a, b) == (a1, b1)
+                continue
+            assert a <= a1 and b >= b1 and ((b - a) % 8 == 0 or (a, b) == (0, n_in))
+            assert torch.equal(m[:, a1 - a:b1 - a], m1) and not m[:, :a1 - a].any() and not m[:, b1 - a:].any()
+        ims = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g) for _ in range(3)]
+        assert torch.equal(bp.transform(ims), ref.transform(ims))
