@@ -535,9 +535,9 @@ class BatchPreprocessor:
                 # a multiple of 8 samples (zero weights beyond the support): the rows of the
                 # GEMMs' operands are then 16-byte aligned, which the tensor-core kernels want
                 # (unaligned, a third of the resize's GPU time went to an align-1 kernel)
-                pad = min(-(b - a) % self.ALIGN, n_in - (b - a))
-                b = min(b + pad, n_in)
-                a -= pad - (b - int(nz[-1]) - 1)
+                pad = min(-(b - a) % self.ALIGN, n_in - (b - a))  # samples to add, where the image has them
+                end = min(pad, n_in - b)  # after the support first, the rest before it
+                a, b = a - (pad - end), b + end
                 self._mats[key] = (torch.from_numpy(w[:, a:b]).to(self.device, self.compute_dtype), a, b)
         return self._mats[key]
 
