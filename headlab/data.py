@@ -57,9 +57,14 @@ def columns_of(cache: FeatureCache, sets: Sequence[str]) -> dict[str, tuple[int,
 
 
 def load_matrix(cache: FeatureCache, sets: Sequence[str], rows: np.ndarray | None = None) -> np.ndarray:
-    """``(N, D_total)`` float32 of ``sets`` side by side (optionally only ``rows``)."""
-    parts = [cache.features(s) for s in sets]
-    x = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    """``(N, D_total)`` float32 of ``sets`` side by side (optionally only ``rows``), each set
+    read block by block straight into its columns: peak memory ~ the matrix itself."""
+    dims = [cache.feature_sets.get(s, 0) for s in sets]  # a missing set: features() names it
+    x = np.empty((len(cache), sum(dims)), dtype=np.float32)
+    lo = 0
+    for s, d in zip(sets, dims, strict=True):
+        cache.features(s, out=x[:, lo:lo + d])
+        lo += d
     return x if rows is None else x[rows]
 
 

@@ -90,8 +90,7 @@ def head_logits(run: Run, cache) -> np.ndarray:
                               f"{run.feature_sets()}")
     head = run.load_head()
     x = load_matrix(cache, run.feature_sets())
-    return np.concatenate([head(torch.as_tensor(x[s:s + 65536])).numpy() for s in range(0, len(x), 65536)]) \
-        if len(x) else np.zeros((0, run.num_classes), np.float32)
+    return head.logits(x)
 
 
 def dumps(obj: Any) -> str:

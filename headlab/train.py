@@ -37,7 +37,7 @@ from headlab.data import (
     open_labelled,
     parse_bytes,
 )
-from headlab.heads import HEAD_KINDS, HeadGrid, HeadSpec
+from headlab.heads import HEAD_KINDS, HeadGrid, HeadSpec, eval_chunk_rows
 from headlab.knn import knn_probs
 from headlab.metrics import HIGHER_IS_BETTER, METRIC_NAMES, classification_metrics, softmax
 from headlab.splits import split_select_calib
@@ -119,12 +119,17 @@ def _device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def grid_logits(grid: HeadGrid, x: np.ndarray | torch.Tensor, device: torch.device, chunk: int = 8192) -> np.ndarray:
-    """``(G, N, K)`` float32 logits of every head, in eval mode."""
+def grid_logits(grid: HeadGrid, x: np.ndarray | torch.Tensor, device: torch.device,
+                chunk: int | None = None) -> np.ndarray:
+    """``(G, N, K)`` float32 logits of every head, in eval mode, ``chunk`` rows at a time
+    (default: :func:`eval_chunk_rows` of the grid's width)."""
     grid.eval()
+    chunk = chunk or eval_chunk_rows(grid.width)
     xt = torch.as_tensor(x, dtype=torch.float32)
-    outs = [grid(xt[s:s + chunk].to(device)).float().cpu() for s in range(0, len(xt), chunk)]
-    return torch.cat(outs, dim=1).numpy() if outs else np.zeros((len(grid), 0, grid.num_classes), np.float32)
+    out = torch.empty((len(grid), len(xt), grid.num_classes), dtype=torch.float32)  # filled in place (see eval_chunk_rows)
+    for s in range(0, len(xt), chunk):
+        out[:, s:s + chunk] = grid(xt[s:s + chunk].to(device)).float().cpu()
+    return out.numpy()
 
 
 def _score(metric: str, labels: np.ndarray, logits: np.ndarray) -> float:
@@ -277,12 +282,8 @@ def _write_run(cfg, final, specs, best, best_epoch, sel, cal, train_c, val_c, se
               metadata={"spec": json.dumps(specs[chosen].to_dict())})
 
     lo, hi = final.slices[chosen]
-    train_logits = None
-    if train_x is not None:  # in-memory runs also store train logits (streamed ones may not fit)
-        with torch.no_grad():
-            head.eval()
-            train_logits = np.concatenate([head(torch.as_tensor(train_x[s:s + 65536, lo:hi])).numpy()
-                                           for s in range(0, len(train_x), 65536)])
+    # In-memory runs also store train logits (streamed ones may not fit).
+    train_logits = head.logits(train_x[:, lo:hi]) if train_x is not None else None
     arrays = {"val_select_logits": vl_sel[chosen], "val_select_labels": val_y[sel], "val_select_rows": sel,
               "val_calib_logits": vl_cal[chosen], "val_calib_labels": val_y[cal], "val_calib_rows": cal}
     if train_logits is not None:

@@ -49,6 +49,58 @@ def test_round_trip_one_shard(tmp_path):
         assert c.fingerprint == fingerprint_of(PROV)
 
 
+def test_features_fill_a_column_block_across_shards(tmp_path, monkeypatch):
+    """``features(out=...)`` fills a column block of a wider matrix, read a few rows at a
+    time across shard boundaries; ``load_matrix`` puts sets side by side that way."""
+    from headlab.data import load_matrix
+
+    d = str(tmp_path / "c")
+    os.makedirs(d)
+    parts = [_write(os.path.join(d, f"shard-{i:05d}.h5"), a, b, 25, seed=i)[1] for i, (a, b) in
+             enumerate([(0, 10), (10, 25)])]
+    want = {k: np.concatenate([p[k] for p in parts]).astype(np.float16).astype(np.float32) for k in ("cls", "patch_mean")}
+    monkeypatch.setattr("cache.reader.FeatureCache.READ_ROWS", 4)
+    with open_cache(d) as c:
+        wide = np.full((25, 20), -7.0, dtype=np.float32)
+        c.features("patch_mean", out=wide[:, 2:10])
+        np.testing.assert_array_equal(wide[:, 2:10], want["patch_mean"])
+        assert (wide[:, :2] == -7).all() and (wide[:, 10:] == -7).all()
+        np.testing.assert_array_equal(load_matrix(c, ["cls", "patch_mean"]),
+                                      np.concatenate([want["cls"], want["patch_mean"]], axis=1))
+        with pytest.raises(ValueError, match="needs"):
+            c.features("cls", out=np.empty((25, 3), np.float32))
+        with pytest.raises(Stage1Error, match="no feature set 'pooled'"):
+            load_matrix(c, ["cls", "pooled"])
+
+
+def test_load_matrix_peak_memory_is_the_matrix(tmp_path):
+    """Loading a float16 shard as float32 holds the result and one block, not the result
+    plus a float16 copy of the whole shard (numpy reports its buffers to tracemalloc)."""
+    import tracemalloc
+
+    from headlab.data import load_matrix
+
+    n, dim = 65536, 128
+    path = str(tmp_path / "big.h5")
+    w = ShardWriter(path, feature_dims={"cls": dim}, provenance=PROV, fingerprint=fingerprint_of(PROV),
+                    plan={"plan_id": "p" * 64, "input_start": 0, "input_stop": n, "num_inputs": n})
+    w.add_rows(features={"cls": np.ones((n, dim), np.float32)}, labels=np.zeros(n, int), paths=[""] * n,
+               sha256=["0" * 64] * n, source=["s"] * n, group=["g"] * n, index=np.arange(n))
+    w.finish()
+    f32, f16 = n * dim * 4, n * dim * 2
+    with open_cache(path) as c:
+        tracemalloc.start()
+        try:
+            x = load_matrix(c, ["cls"])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert x.shape == (n, dim) and x.dtype == np.float32
+        block = c.READ_ROWS * dim * 2
+        assert block < f16 / 2
+        assert peak <= f32 + block + (1 << 20), (peak, f32, block)
+
+
 @pytest.mark.parametrize("flush_rows", [1, 7, 64, None])
 def test_buffered_writes_give_the_same_shard(tmp_path, flush_rows):
     """Rows gathered in memory and written every ``flush_rows`` give the shard that one

@@ -159,6 +159,12 @@ def test_knn_matches_brute_force():
         for j in top:
             votes[y[j]] += np.exp(sims[j] / 0.1)
         np.testing.assert_allclose(got[i], votes / votes.sum(), rtol=1e-5)
+    # a column block of a wider float32 matrix (used in place, not copied), and chunks cut
+    # by the similarity matrix's size (here 2 queries: 2 x 50 x 4 bytes = 400)
+    wide = np.zeros((50, 10), np.float32)
+    wide[:, 2:8] = tr
+    by_bytes = knn_probs(wide[:, 2:8], y, q, ks=[5], temperature=0.1, num_classes=3, chunk_bytes=400)[5]
+    np.testing.assert_allclose(by_bytes, got, rtol=1e-5)
 
 
 def test_train_errors(caches, tmp_path):
