@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="DIR", help="run directory to create")
     g.add_argument("--val-select-ratio", type=float, default=0.5,
                    help="share of validation groups for selection; the rest certifies (default: 0.5)")
-    g.add_argument("--max-memory", metavar="SIZE", help="stream training rows from HDF5 when they exceed SIZE "
-                                                        "(e.g. 1GB; default: always in memory)")
+    g.add_argument("--max-memory", metavar="SIZE", help="stream training rows from HDF5 when holding them in memory "
+                                                        "(float32) would exceed SIZE (e.g. 1GB; default: always in memory)")
     g = p.add_argument_group("grid (every combination is trained, sharing batches)")
     g.add_argument("--features", nargs="+", default=["cls"], choices=["cls", "patch_mean", "cls+patch_mean"],
                    help="feature sets (default: cls)")

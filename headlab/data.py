@@ -68,6 +68,14 @@ def load_matrix(cache: FeatureCache, sets: Sequence[str], rows: np.ndarray | Non
     return x if rows is None else x[rows]
 
 
+def in_memory_bytes(cache: FeatureCache, sets: Sequence[str]) -> int:
+    """Peak bytes of holding ``sets`` in memory: the float32 matrix (:func:`load_matrix`)
+    plus the one stored-dtype block of rows it is read through."""
+    f0 = cache._files[0]["features"] if cache._files else {}
+    block = sum(f0[s].dtype.itemsize * f0[s].shape[1] for s in sets if s in f0)
+    return len(cache) * 4 * sum(cache.feature_sets.get(s, 0) for s in sets) + min(len(cache), cache.READ_ROWS) * block
+
+
 def open_labelled(paths: Sequence[str], what: str) -> FeatureCache:
     c = open_cache(list(paths))
     if len(c) == 0:

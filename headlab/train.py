@@ -32,6 +32,7 @@ from headlab.data import (
     StreamedRows,
     check_same_fingerprint,
     columns_of,
+    in_memory_bytes,
     load_matrix,
     needed_sets,
     open_labelled,
@@ -173,8 +174,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                           "every class needs training rows")
 
     budget = parse_bytes(cfg.max_memory)
-    row_bytes = 4 * (max(b for _, b in cols.values()))
-    streamed = budget is not None and len(y_train) * row_bytes > budget
+    streamed = budget is not None and in_memory_bytes(train_c, sets) > budget
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_x = None if streamed else load_matrix(train_c, sets)  # read once: training, logits, k-NN

@@ -123,6 +123,21 @@ def test_streaming_matches_in_memory_quality(caches, tmp_path):
     assert abs(st["chosen_val_select"]["accuracy"] - mem["chosen_val_select"]["accuracy"]) < 0.03
 
 
+def test_memory_budget_counts_the_read_block(caches, tmp_path):
+    """In memory only when the float32 matrix and the block it is read through both fit
+    under --max-memory; a budget that holds the matrix alone streams."""
+    from cache import open_cache
+    from headlab.data import in_memory_bytes
+
+    with open_cache(caches["train"]) as c:
+        need = in_memory_bytes(c, ["cls"])
+        matrix = len(c) * 4 * c.feature_sets["cls"]
+    assert matrix < need
+    kw = dict(head=["linear"], lr=[3e-3], knn_k=[], epochs=1, features=["cls"])
+    assert run_train(_cfg(caches, tmp_path / "a", max_memory=str(need - 1), **kw))["streamed"]
+    assert not run_train(_cfg(caches, tmp_path / "b", max_memory=str(need), **kw))["streamed"]
+
+
 def test_quality_at_least_logistic_regression(tmp_path):
     """Real data (scikit-learn's digits, >=5 vs <5) through a fixed random-feature map:
     the chosen head must match or beat LogisticRegression on the same features."""
