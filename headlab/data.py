@@ -68,12 +68,17 @@ def load_matrix(cache: FeatureCache, sets: Sequence[str], rows: np.ndarray | Non
     return x if rows is None else x[rows]
 
 
+def stored_row_bytes(cache: FeatureCache, sets: Sequence[str]) -> int:
+    """Bytes of one row of ``sets`` as the shards store them (float16 by default)."""
+    f0 = cache._files[0]["features"] if cache._files else {}
+    return sum(f0[s].dtype.itemsize * f0[s].shape[1] for s in sets if s in f0)
+
+
 def in_memory_bytes(cache: FeatureCache, sets: Sequence[str]) -> int:
     """Peak bytes of holding ``sets`` in memory: the float32 matrix (:func:`load_matrix`)
     plus the one stored-dtype block of rows it is read through."""
-    f0 = cache._files[0]["features"] if cache._files else {}
-    block = sum(f0[s].dtype.itemsize * f0[s].shape[1] for s in sets if s in f0)
-    return len(cache) * 4 * sum(cache.feature_sets.get(s, 0) for s in sets) + min(len(cache), cache.READ_ROWS) * block
+    matrix = len(cache) * 4 * sum(cache.feature_sets.get(s, 0) for s in sets)
+    return matrix + min(len(cache), cache.READ_ROWS) * stored_row_bytes(cache, sets)
 
 
 def open_labelled(paths: Sequence[str], what: str) -> FeatureCache:
@@ -123,8 +128,7 @@ class StreamedRows:
         self.cache, self.sets, self.device = cache, list(sets), device
         self.y = np.asarray(cache.labels, dtype=np.int64)
         self.n = len(self.y)
-        f0 = cache._files[0]["features"]
-        row_bytes = sum(f0[s].dtype.itemsize * f0[s].shape[1] for s in sets)
+        row_bytes = stored_row_bytes(cache, sets)
         self.block_rows = max(1024, (budget_bytes // 6 // row_bytes) // 1024 * 1024)
         self.blocks = []  # (file index, start row in file, stop row in file, global offset)
         for fi, (f, off) in enumerate(zip(cache._files, cache._offsets[:-1], strict=True)):
